@@ -1,0 +1,5 @@
+"""`python -m lmgate` runs the command line."""
+
+from lmgate.cli import main
+
+main()

@@ -1,0 +1,263 @@
+"""The gateway's ASGI application: dispatch of the `/v1` surface, health, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from lmgate.api import models as model_list
+from lmgate.api.errors import GatewayError
+from lmgate.api.http import ClientGone, Receive, Request, Scope, Send
+from lmgate.api.relay import Call, Payload, forward
+from lmgate.config.schema import GatewayConfig
+from lmgate.routing.deployment import Deployment
+from lmgate.routing.router import Router
+from lmgate.upstream.provider import Provider
+
+log = logging.getLogger("lmgate")
+
+Handler = Callable[[Request], Awaitable[None]]
+_MAX_TIMEOUT = 24 * 3600.0
+_JSON_TYPES = (b"application/json", b"text/json")
+
+
+class Gateway:
+    """An OpenAI-compatible gateway in front of the configured providers."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.providers = {name: Provider(name, pc) for name, pc in config.providers.items()}
+        self.router = Router(config, self.providers)
+        self.limit = config.server.max_body_bytes
+        self.ready = False
+        self._direct = {name: [Deployment(p, None)] for name, p in self.providers.items()}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._routes: dict[str, tuple[str, Handler]] = {
+            "/v1/chat/completions": ("POST", self._chat),
+            "/v1/completions": ("POST", self._completions),
+            "/v1/embeddings": ("POST", self._embeddings),
+            "/v1/models": ("GET", self._models),
+            "/health": ("GET", self._health),
+            "/ready": ("GET", self._ready),
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            req = Request(scope, receive, send)
+            try:
+                await self._dispatch(req)
+            except GatewayError as e:
+                await req.fail(e)
+            except ClientGone:
+                pass
+            except Exception:
+                log.exception("internal error on %s %s", req.method, req.path)
+                await req.fail(GatewayError(500, "Internal gateway error.", code="internal_error"))
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _dispatch(self, req: Request) -> None:
+        path = req.path
+        route = self._routes.get(path)
+        if route is not None:
+            method, handler = route
+            if req.method != method:
+                raise GatewayError(
+                    405,
+                    f"Method {req.method} is not allowed on {path}; use {method}.",
+                    code="method_not_allowed",
+                    headers={"Allow": method},
+                )
+            await handler(req)
+        elif path.startswith("/v1/models/"):
+            await self._model(req, path[len("/v1/models/") :])
+        elif path.startswith("/v1/"):
+            await self._passthrough(req, None, path[3:])
+        else:
+            head, _, rest = path[1:].partition("/")
+            provider = self.providers.get(head)
+            if provider is None or not (rest == "v1" or rest.startswith("v1/")):
+                raise GatewayError(404, f"Invalid URL ({req.method} {path}).", code="unknown_url")
+            await self._passthrough(req, provider.name, rest[2:])
+
+    async def _chat(self, req: Request) -> None:
+        await self._model_call(req, "/chat/completions", True)
+
+    async def _completions(self, req: Request) -> None:
+        await self._model_call(req, "/completions", True)
+
+    async def _embeddings(self, req: Request) -> None:
+        await self._model_call(req, "/embeddings", False)
+
+    async def _model_call(self, req: Request, suffix: str, streams: bool) -> None:
+        """A request that names its model: parse once, route, forward."""
+        raw = await req.body(self.limit)
+        data = _json_object(raw)
+        model = data.get("model")
+        if not isinstance(model, str) or not model:
+            raise GatewayError(
+                400,
+                "You must provide a model parameter.",
+                param="model",
+                code="missing_required_parameter",
+            )
+        payload = Payload(raw, data, model)
+        timeout = _timeout(req, payload)
+        route = self.router.resolve(model)
+        if route is None:
+            raise _model_not_found(model)
+        call = Call(
+            "POST",
+            _with_query(req, suffix),
+            timeout,
+            expects_done=streams and data.get("stream") is True,
+            content_type=b"application/json",
+        )
+        await forward(req, call, payload, route.deployments, self.config.routing)
+
+    async def _passthrough(self, req: Request, provider: str | None, suffix: str) -> None:
+        """Any other OpenAI path: routed by the body's model, or to a named/default provider."""
+        raw = await req.body(self.limit) if req.method not in ("GET", "HEAD") else b""
+        payload = Payload(raw or None)
+        if raw and req.content_type and req.content_type.split(b";")[0].strip() in _JSON_TYPES:
+            payload.data = _json_object(raw)
+            model = payload.data.get("model")
+            payload.model = model if isinstance(model, str) else None
+        timeout = _timeout(req, payload)
+        deployments = self._passthrough_target(provider, payload)
+        call = Call(
+            req.method,
+            _with_query(req, suffix),
+            timeout,
+            expects_done=suffix in ("/chat/completions", "/completions")
+            and payload.data is not None
+            and payload.data.get("stream") is True,
+            content_type=req.content_type,
+        )
+        await forward(req, call, payload, deployments, self.config.routing)
+
+    def _passthrough_target(self, provider: str | None, payload: Payload) -> list[Deployment]:
+        if provider is not None:
+            payload.model = None  # the body goes to the named provider exactly as sent
+            return self._direct[provider]
+        if payload.model:
+            route = self.router.resolve(payload.model)
+            if route is None:
+                raise _model_not_found(payload.model)
+            return route.deployments
+        name = self.config.server.default_provider or next(iter(self.providers), None)
+        if name is None:
+            raise GatewayError(404, "No provider is configured for this path.", code="unknown_url")
+        return self._direct[name]
+
+    async def _models(self, req: Request) -> None:
+        await req.respond(200, orjson.dumps(model_list.listing(self.router)))
+
+    async def _model(self, req: Request, model_id: str) -> None:
+        if req.method != "GET":
+            raise GatewayError(
+                405, f"Method {req.method} is not allowed.", headers={"Allow": "GET"}
+            )
+        route = self.router.resolve(model_id)
+        if route is None:
+            raise _model_not_found(model_id)
+        await req.respond(200, orjson.dumps(model_list.model_object(model_id, route)))
+
+    async def _health(self, req: Request) -> None:
+        await req.respond(200, b'{"status":"ok"}')
+
+    async def _ready(self, req: Request) -> None:
+        ok = self.ready and bool(self.providers)
+        body = {"status": "ready" if ok else "starting", "models": len(self.router.listed())}
+        await req.respond(200 if ok else 503, orjson.dumps(body))
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.startup()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        """Start background work (model discovery) and declare the gateway ready."""
+        for p in self.providers.values():
+            if p.config.discover_models:
+                task = asyncio.create_task(model_list.discover(p, self.router))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        self.ready = True
+
+    async def shutdown(self) -> None:
+        """Stop background work and close every connection pool."""
+        self.ready = False
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*(p.close() for p in self.providers.values()))
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise GatewayError(
+            400,
+            "We could not parse the JSON body of your request. The body must be valid JSON.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise GatewayError(400, "The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+def _timeout(req: Request, payload: Payload) -> float | None:
+    """The per-request timeout: header `x-lmgate-timeout`, else the body's `timeout` (removed)."""
+    value: object = None
+    if payload.data is not None and "timeout" in payload.data:
+        value = payload.data.pop("timeout")
+        payload.dirty = True
+    if req.timeout_header is not None:
+        value = req.timeout_header.decode("latin-1")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0 < seconds <= _MAX_TIMEOUT or isinstance(value, bool):
+        raise GatewayError(
+            400,
+            f"Invalid timeout {value!r}: give seconds, above 0 and at most {_MAX_TIMEOUT:g}.",
+            param="timeout",
+            code="invalid_timeout",
+        )
+    return seconds
+
+
+def _with_query(req: Request, suffix: str) -> str:
+    qs: bytes = req.scope.get("query_string", b"")
+    return f"{suffix}?{qs.decode('latin-1')}" if qs else suffix
+
+
+def _model_not_found(model: str) -> GatewayError:
+    return GatewayError(
+        404,
+        f"The model {model!r} does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def create_app() -> Gateway:
+    """uvicorn factory for worker processes: the configuration file is in `LMGATE_CONFIG`."""
+    from lmgate.config.loader import load_config
+
+    return Gateway(load_config(os.environ["LMGATE_CONFIG"]))

@@ -1,0 +1,111 @@
+"""The ASGI request as the hot path sees it, and the few ways it answers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from lmgate.api.errors import GatewayError
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+JSON = b"application/json"
+_MAX_REQUEST_ID = 128
+
+
+class ClientGone(Exception):
+    """The client disconnected before the gateway answered."""
+
+
+class Request:
+    """One HTTP request: the headers the gateway reads, parsed once, and its body."""
+
+    __slots__ = (
+        "content_length",
+        "content_type",
+        "method",
+        "path",
+        "receive",
+        "request_id",
+        "scope",
+        "send",
+        "timeout_header",
+    )
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.method: str = scope["method"]
+        self.path: str = scope["path"]
+        request_id = content_length = content_type = timeout = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                content_length = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"x-request-id":
+                request_id = value
+            elif name == b"x-lmgate-timeout":
+                timeout = value
+        self.content_length = content_length
+        self.content_type = content_type
+        self.timeout_header = timeout
+        self.request_id: bytes = (
+            request_id
+            if request_id and len(request_id) <= _MAX_REQUEST_ID and request_id.isascii()
+            else os.urandom(12).hex().encode()
+        )
+
+    async def body(self, limit: int) -> bytes:
+        """The whole body; 413 past `limit` bytes, ClientGone if the client left."""
+        if self.content_length is not None:
+            try:
+                declared = int(self.content_length)
+            except ValueError:
+                raise GatewayError(400, "Invalid Content-Length header.") from None
+            if declared > limit:
+                raise _too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise _too_large(limit)
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def respond(
+        self, status: int, body: bytes, content_type: bytes = JSON, extra: Headers | None = None
+    ) -> None:
+        """Send a complete response."""
+        headers: Headers = [(b"content-type", content_type), (b"x-request-id", self.request_id)]
+        if extra:
+            headers.extend(extra)
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def fail(self, err: GatewayError) -> None:
+        """Answer with an error in OpenAI's envelope."""
+        extra = [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+        await self.respond(err.status, err.body(), extra=extra)
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"Request body too large: the limit is {limit} bytes.",
+        code="request_too_large",
+    )

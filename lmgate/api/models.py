@@ -1,0 +1,48 @@
+"""`/v1/models`: the models the gateway serves, and discovery of a provider's own list."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+
+from lmgate.routing.deployment import Deployment
+from lmgate.routing.router import Route, Router
+from lmgate.upstream.provider import Provider
+
+log = logging.getLogger("lmgate.models")
+_STARTED = int(time.time())
+
+
+def model_object(model_id: str, route: Route) -> dict[str, Any]:
+    """One entry of OpenAI's `ListModelsResponse`."""
+    return {"id": model_id, "object": "model", "created": _STARTED, "owned_by": route.owned_by}
+
+
+def listing(router: Router) -> dict[str, Any]:
+    """OpenAI's `ListModelsResponse` for every listed route."""
+    return {"object": "list", "data": [model_object(r.name, r) for r in router.listed()]}
+
+
+async def discover(provider: Provider, router: Router, timeout: float = 10.0) -> None:
+    """Ask a provider for its models and route each as `<provider>/<model>`."""
+    try:
+        async with provider.session.get(
+            provider.url("/models"), timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
+            if resp.status != 200:
+                log.warning("model discovery on %s: status %d", provider.name, resp.status)
+                return
+            data = orjson.loads(await resp.read()).get("data") or []
+    except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, AttributeError) as e:
+        log.warning("model discovery on %s failed: %s", provider.name, type(e).__name__)
+        return
+    for entry in data:
+        model_id = entry.get("id") if isinstance(entry, dict) else None
+        if isinstance(model_id, str) and model_id:
+            name = f"{provider.name}/{model_id}"
+            router.add(Route(name, [Deployment(provider, model_id)], provider.name))
+    log.info("discovered %d models on %s", len(data), provider.name)

@@ -1,0 +1,245 @@
+"""Forward a request to a deployment and relay the answer: retries, streams, upstream errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError
+
+from lmgate.api.errors import GatewayError, sse_error_event
+from lmgate.api.http import Headers, Message, Receive, Request
+from lmgate.config.schema import RoutingSettings
+from lmgate.routing.deployment import Deployment, attempt_order
+
+log = logging.getLogger("lmgate.relay")
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+_CONNECT_ERRORS = (
+    aiohttp.ClientConnectionError,
+    ProxyError,
+    ProxyTimeoutError,
+    ProxyConnectionError,
+)
+_URL = re.compile(r"https?://[^\s\"'<>]+")
+_SSE = b"text/event-stream"
+
+
+@dataclass(slots=True)
+class Payload:
+    """A request body: passed through as received unless a deployment needs it rewritten."""
+
+    raw: bytes | None
+    data: dict[str, object] | None = None
+    model: str | None = None
+    dirty: bool = False
+    """True when the body was changed (a gateway-only field removed) and must be re-encoded."""
+
+    def for_deployment(self, dep: Deployment) -> bytes | None:
+        """The bytes to send to `dep`: the original ones whenever nothing has to change."""
+        target = dep.upstream_model
+        if self.data is None or ((target is None or target == self.model) and not self.dirty):
+            return self.raw
+        if target is None or target == self.model:
+            return orjson.dumps(self.data)
+        return orjson.dumps({**self.data, "model": target})
+
+
+@dataclass(slots=True)
+class Call:
+    """What to send upstream, apart from the body."""
+
+    method: str
+    suffix: str
+    """The path after the provider's base URL, e.g. `/chat/completions?x=1`."""
+    timeout: float | None
+    expects_done: bool = False
+    """An OpenAI chat/completions stream: it must end with `data: [DONE]`."""
+    content_type: bytes | None = None
+
+
+async def forward(
+    req: Request, call: Call, payload: Payload, deployments: list[Deployment], rs: RoutingSettings
+) -> None:
+    """Send the request to the best deployment, falling over to others before any byte is sent.
+
+    Connection failures are retried (on the same deployment when it is the only one: a pooled
+    connection may have gone stale); 429 and 5xx answers only move on to another deployment.
+    """
+    order = attempt_order(deployments, rs.retries + 1)
+    if len(order) == 1 and rs.retries:
+        order = [order[0], order[0]]
+    last: GatewayError | None = None
+    for i, dep in enumerate(order):
+        next_dep = order[i + 1] if i + 1 < len(order) else None
+        dep.inflight += 1
+        try:
+            resp = await _open(req, call, payload, dep)
+        except _CONNECT_ERRORS as e:
+            dep.inflight -= 1
+            if isinstance(e, aiohttp.SocketTimeoutError):
+                raise _timeout_error(dep) from None
+            dep.failed(rs.allowed_fails, rs.cooldown)
+            log.warning("upstream %s unreachable: %s", dep.label, type(e).__name__)
+            last = GatewayError(
+                502, f"Could not reach provider {dep.provider.name!r}.", code="upstream_unreachable"
+            )
+            continue
+        except TimeoutError:
+            dep.inflight -= 1
+            raise _timeout_error(dep) from None
+        try:
+            if resp.status in RETRYABLE_STATUS:
+                dep.failed(rs.allowed_fails, rs.cooldown)
+                if next_dep is not None and next_dep is not dep:
+                    last = await _upstream_error(resp, dep)
+                    continue
+            elif resp.status < 400:
+                dep.succeeded()
+            await _relay(req, call, resp, dep)
+            return
+        finally:
+            dep.inflight -= 1
+            resp.release()
+    assert last is not None
+    raise last
+
+
+async def _open(
+    req: Request, call: Call, payload: Payload, dep: Deployment
+) -> aiohttp.ClientResponse:
+    provider = dep.provider
+    headers = {"x-request-id": req.request_id.decode()}
+    if call.content_type is not None:
+        headers["Content-Type"] = call.content_type.decode()
+    timeout = provider.timeout
+    if call.timeout is not None:
+        timeout = aiohttp.ClientTimeout(
+            total=call.timeout, sock_connect=provider.config.timeout.connect
+        )
+    return await provider.session.request(
+        call.method,
+        provider.url(call.suffix),
+        data=payload.for_deployment(dep),
+        headers=headers,
+        timeout=timeout,
+        allow_redirects=False,
+    )
+
+
+async def _relay(req: Request, call: Call, resp: aiohttp.ClientResponse, dep: Deployment) -> None:
+    if resp.status >= 400:
+        raise await _upstream_error(resp, dep)
+    content_type = resp.headers.get("Content-Type", "application/json").encode()
+    if content_type.startswith(_SSE):
+        await _relay_stream(req, call, resp, dep)
+        return
+    try:
+        body = await resp.read()
+    except aiohttp.SocketTimeoutError:
+        raise _timeout_error(dep) from None
+    except TimeoutError:
+        raise _timeout_error(dep) from None
+    except aiohttp.ClientError:
+        raise _broken(dep) from None
+    await req.respond(resp.status, body, content_type)
+
+
+async def _relay_stream(
+    req: Request, call: Call, resp: aiohttp.ClientResponse, dep: Deployment
+) -> None:
+    """Relay SSE bytes as they arrive; stop the upstream as soon as the client leaves."""
+    send = req.send
+    headers: Headers = [
+        (b"content-type", b"text/event-stream; charset=utf-8"),
+        (b"cache-control", b"no-cache"),
+        (b"x-accel-buffering", b"no"),
+        (b"x-request-id", req.request_id),
+    ]
+    await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+    watcher = asyncio.ensure_future(_disconnected(req.receive))
+    watcher.add_done_callback(lambda t: None if t.cancelled() else resp.close())
+    tail = b""
+    failure: GatewayError | None = None
+    try:
+        async for chunk in resp.content.iter_any():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            tail = (tail + chunk)[-32:]
+        if call.expects_done and not tail.rstrip().endswith(b"[DONE]"):
+            failure = _broken(dep)
+    except (aiohttp.ClientError, TimeoutError) as e:
+        if watcher.done():
+            return  # the client left; the upstream connection is already closed
+        failure = _timeout_error(dep) if isinstance(e, TimeoutError) else _broken(dep)
+    finally:
+        watcher.cancel()
+    if failure is not None:
+        log.warning("stream from %s broke: %s", dep.label, failure.message)
+        await send(
+            {"type": "http.response.body", "body": sse_error_event(failure), "more_body": True}
+        )
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _disconnected(receive: Receive) -> Message:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return message
+
+
+async def _upstream_error(resp: aiohttp.ClientResponse, dep: Deployment) -> GatewayError:
+    """The upstream's error as OpenAI's envelope, without credentials or internal addresses."""
+    try:
+        raw = await resp.read()
+    except (aiohttp.ClientError, TimeoutError):
+        raw = b""
+    status = resp.status
+    provider = dep.provider
+    message, etype, param, code = f"Provider {provider.name!r} answered {status}.", None, None, None
+    try:
+        err = orjson.loads(raw)["error"]
+        if isinstance(err, dict):
+            message = str(err.get("message") or message)
+            etype, param, code = err.get("type"), err.get("param"), err.get("code")
+        elif isinstance(err, str):
+            message = err
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        text = raw[:500].decode("utf-8", "replace").strip()
+        if text:
+            message = f"{message} {text}"
+    message = _URL.sub("<upstream>", provider.scrub(message))
+    headers = {}
+    if status in (401, 403):
+        # The provider refused the gateway's own credentials: not the client's fault.
+        status, code = 502, "upstream_auth_failed"
+        message = f"Provider {provider.name!r} rejected the gateway's credentials."
+        etype = "upstream_error"
+    elif "Retry-After" in resp.headers:
+        headers["Retry-After"] = resp.headers["Retry-After"]
+    return GatewayError(
+        status,
+        message,
+        type=etype if isinstance(etype, str) else None,
+        param=param if isinstance(param, str) else None,
+        code=str(code) if code is not None else None,
+        headers=headers,
+    )
+
+
+def _timeout_error(dep: Deployment) -> GatewayError:
+    return GatewayError(
+        504, f"Provider {dep.provider.name!r} did not answer in time.", code="timeout"
+    )
+
+
+def _broken(dep: Deployment) -> GatewayError:
+    return GatewayError(
+        502,
+        f"The connection to provider {dep.provider.name!r} broke before the response finished.",
+        code="upstream_disconnected",
+    )

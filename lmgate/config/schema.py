@@ -1,0 +1,135 @@
+"""The configuration file's schema: server settings, providers, models, routing."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
+_PROXY_SCHEMES = ("socks5://", "socks5h://", "socks4://", "http://", "https://")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Strict):
+    """How the gateway listens."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(4000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger bodies get 413")
+    access_log: bool = False
+    default_provider: str | None = Field(
+        None, description="provider for /v1/... pass-through requests that name no model"
+    )
+
+
+class Timeouts(_Strict):
+    """Seconds; `read` is the longest wait for the next byte from the upstream."""
+
+    connect: float = Field(10.0, gt=0)
+    read: float = Field(600.0, gt=0)
+
+
+class ProviderConfig(_Strict):
+    """An upstream API: where it is, how to authenticate, how to reach it."""
+
+    type: Literal["openai"] = "openai"
+    base_url: str
+    api_key: SecretStr | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    timeout: Timeouts = Field(default_factory=Timeouts)
+    proxy: str | None = Field(None, description="socks5://, socks5h:// or http:// proxy URL")
+    wildcard: bool = Field(True, description="route any `<provider>/<model>` to this provider")
+    max_connections: int = Field(1000, ge=1)
+    discover_models: bool = Field(False, description="list the provider's models at start")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, v: str | None) -> str | None:
+        if v and not v.startswith(_PROXY_SCHEMES):
+            raise ValueError(f"proxy scheme must be one of {', '.join(_PROXY_SCHEMES)}")
+        return v or None
+
+
+class DeploymentConfig(_Strict):
+    """One place a model is served: a provider and the upstream's name for the model."""
+
+    provider: str
+    model: str | None = Field(None, description="the upstream's model name; default: the name")
+    weight: float = Field(1.0, gt=0)
+
+
+class ModelConfig(_Strict):
+    """A public model name, its aliases, and the deployments that serve it."""
+
+    name: str
+    aliases: list[str] = Field(default_factory=list)
+    provider: str | None = Field(None, description="shorthand for a single deployment")
+    model: str | None = None
+    deployments: list[DeploymentConfig] = Field(default_factory=list)
+    owned_by: str | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ModelConfig:
+        if self.provider and self.deployments:
+            raise ValueError("give either `provider` or `deployments`, not both")
+        if self.provider:
+            self.deployments = [DeploymentConfig(provider=self.provider, model=self.model)]
+        elif self.model:
+            raise ValueError("`model` needs `provider`; inside `deployments` set it per deployment")
+        if not self.deployments:
+            raise ValueError("a model needs `provider` or at least one deployment")
+        return self
+
+
+class RoutingSettings(_Strict):
+    """Retries across deployments, and the cool-down of failing ones."""
+
+    retries: int = Field(2, ge=0, description="extra attempts on other deployments")
+    allowed_fails: int = Field(3, ge=1, description="consecutive failures before a cool-down")
+    cooldown: float = Field(30.0, ge=0, description="seconds a failing deployment rests")
+
+
+class GatewayConfig(_Strict):
+    """The whole configuration file."""
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    models: list[ModelConfig] = Field(default_factory=list)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+
+    @field_validator("providers")
+    @classmethod
+    def _provider_names(cls, v: dict[str, ProviderConfig]) -> dict[str, ProviderConfig]:
+        for name in v:
+            if not _NAME.match(name) or name == "v1":
+                raise ValueError(f"invalid provider name {name!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> GatewayConfig:
+        seen: set[str] = set()
+        for i, m in enumerate(self.models):
+            for d in m.deployments:
+                if d.provider not in self.providers:
+                    raise ValueError(f"models[{i}] ({m.name}): unknown provider {d.provider!r}")
+            for name in (m.name, *m.aliases):
+                if name in seen:
+                    raise ValueError(f"models[{i}]: the name {name!r} is used twice")
+                seen.add(name)
+        dp = self.server.default_provider
+        if dp and dp not in self.providers:
+            raise ValueError(f"server.default_provider: unknown provider {dp!r}")
+        return self

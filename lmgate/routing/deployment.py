@@ -1,0 +1,57 @@
+"""A deployment: one provider serving one model, with its load and health state."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+from lmgate.upstream.provider import Provider
+
+
+@dataclass(eq=False)
+class Deployment:
+    """Where a request can go, and what the balancer knows about it."""
+
+    provider: Provider
+    upstream_model: str | None
+    """The upstream's name for the model; None passes the client's name unchanged."""
+    weight: float = 1.0
+    inflight: int = 0
+    fails: int = 0
+    cooldown_until: float = 0.0
+    label: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            self.label = f"{self.provider.name}/{self.upstream_model or '*'}"
+
+    def cooling(self, now: float) -> bool:
+        """Whether the deployment is resting after repeated failures."""
+        return self.cooldown_until > now
+
+    def succeeded(self) -> None:
+        """Record a success: the failure streak ends."""
+        self.fails = 0
+
+    def failed(self, allowed_fails: int, cooldown: float) -> None:
+        """Record a failure; after `allowed_fails` in a row the deployment cools down."""
+        self.fails += 1
+        if self.fails >= allowed_fails:
+            self.fails = 0
+            self.cooldown_until = time.monotonic() + cooldown
+
+
+def attempt_order(deployments: list[Deployment], attempts: int) -> list[Deployment]:
+    """Deployments to try, best first: healthy before cooling, then least in flight per weight.
+
+    Ties are broken at random so that equal deployments share the load.
+    """
+    if len(deployments) == 1:
+        return deployments
+    now = time.monotonic()
+    ranked = sorted(
+        deployments,
+        key=lambda d: (d.cooling(now), (d.inflight + 1) / d.weight, random.random()),
+    )
+    return ranked[:attempts]
