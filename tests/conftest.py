@@ -1,0 +1,23 @@
+"""Shared fixtures: a background loop for real servers, and a per-test server set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import LoopThread, Servers
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture
+def servers(loop_thread: LoopThread) -> Iterator[Servers]:
+    s = Servers(loop_thread)
+    yield s
+    s.close()
