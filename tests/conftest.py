@@ -21,3 +21,6 @@ def servers(loop_thread: LoopThread) -> Iterator[Servers]:
     s = Servers(loop_thread)
     yield s
     s.close()
+
+
+from tests.infra.fixtures import isolated_stub  # noqa: E402, F401

@@ -58,7 +58,9 @@ class RunningGateway:
         return f"{self.url}/v1"
 
 
-async def start_gateway(config: dict[str, Any] | str, env: dict[str, str] | None = None) -> RunningGateway:
+async def start_gateway(
+    config: dict[str, Any] | str, env: dict[str, str] | None = None
+) -> RunningGateway:
     """Validate `config` (a dict or YAML text) and serve it on a free port."""
     text = config if isinstance(config, str) else yaml.safe_dump(config)
     gateway = Gateway(parse_config(text, env=env or {}))
@@ -102,7 +104,9 @@ class Servers:
         self._stubs.append(stub)
         return stub
 
-    def gateway(self, config: dict[str, Any] | str, env: dict[str, str] | None = None) -> RunningGateway:
+    def gateway(
+        self, config: dict[str, Any] | str, env: dict[str, str] | None = None
+    ) -> RunningGateway:
         gw = self.thread.run(start_gateway(config, env))
         self._gateways.append(gw)
         return gw
@@ -114,7 +118,9 @@ class Servers:
             self.thread.run(stub.close())
 
 
-def one_model(stub_url: str, name: str = "m1", upstream: str | None = None, **provider: Any) -> dict[str, Any]:
+def one_model(
+    stub_url: str, name: str = "m1", upstream: str | None = None, **provider: Any
+) -> dict[str, Any]:
     """A configuration with one provider `up` at `stub_url` and one model on it."""
     model: dict[str, Any] = {"name": name, "provider": "up"}
     if upstream:

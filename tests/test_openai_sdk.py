@@ -53,8 +53,12 @@ def test_chat_stream_sync(client: openai.OpenAI) -> None:
 
 
 def test_raw_stream_chunks_validate_and_end_with_done(base_url: str) -> None:
-    body = {"model": "m1", "messages": MESSAGES, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "m1",
+        "messages": MESSAGES,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     events = []
     with httpx.stream("POST", f"{base_url}/chat/completions", json=body) as r:
         assert r.headers["content-type"].startswith("text/event-stream")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lmgate.cli import serve
+from lmgate.cli import doctor, init, models, serve
 
 app = typer.Typer(
     name="lmgate",
@@ -13,6 +13,9 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("serve")(serve.serve)
+app.command("init")(init.init)
+app.command("doctor")(doctor.doctor)
+app.command("models")(models.models)
 
 
 @app.callback()

@@ -49,8 +49,14 @@ class Provider:
     def _connector(self) -> aiohttp.BaseConnector:
         limit = self.config.max_connections
         if self.proxy:
-            # rdns=None lets the scheme decide: socks5h resolves names at the proxy.
-            return ProxyConnector.from_url(self.proxy, limit=limit, keepalive_timeout=60)
+            # As in curl: socks5:// resolves names here, socks5h:// at the proxy (python-socks
+            # knows no socks5h scheme, only socks5 with remote resolution).
+            url, rdns = self.proxy, None
+            if url.startswith("socks5://"):
+                rdns = False
+            elif url.startswith("socks5h://"):
+                url, rdns = "socks5://" + url[len("socks5h://") :], True
+            return ProxyConnector.from_url(url, rdns=rdns, limit=limit, keepalive_timeout=60)
         return aiohttp.TCPConnector(limit=limit, keepalive_timeout=60, ttl_dns_cache=300)
 
     def url(self, suffix: str) -> URL:
