@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
+import ctypes
 import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,7 +54,12 @@ def serve(
         "access_log": server.access_log,
         "log_level": log_level,
         "timeout_graceful_shutdown": 30,
+        "proxy_headers": False,
+        "server_header": False,
     }
+    # uvicorn re-raises SIGTERM after its graceful shutdown; exit normally then, so that
+    # atexit clean-up (the demo worker, the embedded config) runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     typer.echo(f"lmgate listening on http://{host}:{port}/v1 ({workers} worker(s))", err=True)
     if workers == 1:
         from lmgate.api.app import Gateway
@@ -73,6 +82,7 @@ def load_or_exit(path: Path) -> GatewayConfig:
 def _write_embedded() -> Path:
     """Start the demo worker and write the embedded configuration to a private file."""
     tmp = Path(tempfile.mkdtemp(prefix="lmgate-"))
+    atexit.register(shutil.rmtree, tmp, True)
     demo_url = _start_demo(tmp / "demo.addr")
     text = embedded_config(os.environ, demo_url, ollama_answers())
     path = tmp / "lmgate.yaml"
@@ -101,6 +111,7 @@ def _start_demo(addr_file: Path, wait: float = 15.0) -> str | None:
             "0.02",
         ],
         stdout=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
     )
     atexit.register(proc.terminate)
     deadline = time.monotonic() + wait
@@ -110,3 +121,9 @@ def _start_demo(addr_file: Path, wait: float = 15.0) -> str | None:
         time.sleep(0.05)
     typer.echo("warning: the demo model's worker did not start", err=True)
     return None
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the gateway dies, even by SIGKILL (Linux only)."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -1,0 +1,321 @@
+"""Machine facts, target checks and the Markdown/JSON report."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+Figure = float | None
+
+
+def _first_line(cmd: list[str]) -> str:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "not found"
+    out = (proc.stdout or proc.stderr).strip().splitlines()
+    return out[0] if out else "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _mem_total() -> str:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return f"{int(line.split()[1]) / 2**20:.1f} GiB RAM"
+    except (OSError, ValueError):
+        pass
+    return "unknown RAM"
+
+
+def _lmgate_version() -> str:
+    code = "import lmgate; print(lmgate.__version__)"
+    return _first_line([sys.executable, "-c", code])
+
+
+def machine_info() -> dict[str, Any]:
+    """Facts that make figures comparable between machines."""
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "mem_total": _mem_total(),
+        "kernel": platform.release(),
+        "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "python": sys.version.split()[0],
+        "lmgate": _lmgate_version(),
+        "wrk": _first_line(["wrk", "--version"]).split(" [")[0],
+        "nginx": _first_line(["nginx", "-v"]),
+    }
+
+
+def dig(doc: Any, *path: str) -> Any:
+    """doc[p0][p1]...; None if any step is missing."""
+    for key in path:
+        if not isinstance(doc, dict) or key not in doc:
+            return None
+        doc = doc[key]
+    return doc
+
+
+def num(value: Any) -> Figure:
+    """A finite float, or None."""
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def diff(a: Any, b: Any) -> Figure:
+    """a - b when both are numbers."""
+    x, y = num(a), num(b)
+    return None if x is None or y is None else x - y
+
+
+def fmt(value: Figure, spec: str, suffix: str = "") -> str:
+    """Format a figure, or an em dash when it is missing."""
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def verdict(value: Figure, ok: Callable[[float], bool]) -> str:
+    """✅ / ❌ for lmgate against a target, blank when not measured."""
+    if value is None:
+        return ""
+    return "✅" if ok(value) else "❌"
+
+
+def _latency(g: dict[str, Any], c: str) -> str:
+    p50, p99 = num(dig(g, "throughput", c, "p50_ms")), num(dig(g, "throughput", c, "p99_ms"))
+    return f"{fmt(p50, '.2f')} / {fmt(p99, '.2f')}"
+
+
+def _ttft_added(g: dict[str, Any], direct: dict[str, Any], c: str) -> tuple[str, Figure]:
+    p50 = diff(dig(g, "ttft", c, "p50_ms"), dig(direct, "ttft", c, "p50_ms"))
+    p99 = diff(dig(g, "ttft", c, "p99_ms"), dig(direct, "ttft", c, "p99_ms"))
+    return f"{fmt(p50, '+.2f')} (p99 {fmt(p99, '+.2f')})", p50
+
+
+def _scaling(g: dict[str, Any]) -> tuple[str, Figure]:
+    many = num(dig(g, "workers", "throughput", "64", "rps"))
+    one = num(dig(g, "throughput", "64", "rps"))
+    if many is None or one is None or one == 0:
+        return "—", None
+    n = dig(g, "workers", "workers")
+    return f"{many:,.0f} ({many / one:.2f}x of 1, {n} workers)", many / one
+
+
+def _errors(g: dict[str, Any]) -> str:
+    runs = [*(g.get("throughput") or {}).values(), g.get("soak") or {}]
+    total = sum(int(r.get("error_total") or 0) for r in runs if isinstance(r, dict))
+    return f"{total:,}"
+
+
+def _rss(g: dict[str, Any]) -> tuple[str, str, Figure]:
+    s = g.get("soak") or {}
+    span = f"{fmt(num(s.get('rss_before_mb')), '.1f')} → {fmt(num(s.get('rss_after_mb')), '.1f')}"
+    reqs = s.get("requests")
+    span += f" ({reqs:,} req, {s.get('bounded_by')}-bounded)" if reqs else ""
+    growth = num(s.get("rss_growth_mb"))
+    return span, fmt(growth, "+.1f"), growth
+
+
+def gateway_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the side-by-side table; verdicts are for lmgate."""
+    gws: dict[str, Any] = dig(doc, "results", "gateways") or {}
+    direct: dict[str, Any] = dig(doc, "results", "direct") or {}
+    names = list(gws)
+    header = ["figure", *(gws[n].get("label", n) for n in names), "target", "lmgate"]
+    rows: list[list[str]] = []
+
+    def add(figure: str, cell: Callable[[dict[str, Any]], str], target: str, ok: str) -> None:
+        rows.append([figure, *(cell(gws[n]) for n in names), target, ok])
+
+    lm = gws.get("lmgate", {})
+    for c in ("1", "16", "64"):
+        add(
+            f"requests/s @{c}",
+            lambda g, c=c: fmt(num(dig(g, "throughput", c, "rps")), ",.0f"),
+            "",
+            "",
+        )
+    lm_rps = num(dig(lm, "throughput", "64", "rps"))
+    ll_rps = num(dig(gws.get("litellm"), "throughput", "64", "rps"))
+    ratio = lm_rps / ll_rps if lm_rps and ll_rps else None
+    add(
+        "lmgate ÷ LiteLLM requests/s @64",
+        lambda g: fmt(ratio, ".1f", "x") if g is lm else "",
+        "≥ 30x",
+        verdict(ratio, lambda r: r >= 30),
+    )
+    for c in ("1", "16", "64"):
+        add(f"latency p50 / p99 ms @{c}", lambda g, c=c: _latency(g, c), "", "")
+    for c in ("1", "16", "64"):
+        cpu = num(dig(lm, "throughput", c, "cpu_us_per_request"))
+        add(
+            f"gateway CPU µs/request @{c}",
+            lambda g, c=c: fmt(num(dig(g, "throughput", c, "cpu_us_per_request")), ",.0f"),
+            "≤ 500",
+            verdict(cpu, lambda v: v <= 500),
+        )
+    direct_p50 = dig(direct, "throughput", "1", "p50_ms")
+    added = diff(dig(lm, "throughput", "1", "p50_ms"), direct_p50)
+    add(
+        "added p50 ms vs direct @1",
+        lambda g: fmt(diff(dig(g, "throughput", "1", "p50_ms"), direct_p50), "+.2f"),
+        "≤ +0.6",
+        verdict(added, lambda v: v <= 0.6),
+    )
+    for c, limit in (("1", 1.0), ("32", 5.0)):
+        value = _ttft_added(lm, direct, c)[1]
+        add(
+            f"TTFT added ms @{c} streams",
+            lambda g, c=c: _ttft_added(g, direct, c)[0],
+            f"≤ {limit:g}",
+            verdict(value, lambda v, lim=limit: v <= lim),
+        )
+    cross_wrk = dig(direct, "cross_core", "throughput", "1", "p50_ms")
+    cross_ttft = dig(direct, "cross_core", "ttft", "1", "p50_ms")
+    add(
+        "p50 ms @1 beyond the cross-core reference: wrk / TTFT",
+        lambda g: (
+            f"{fmt(diff(dig(g, 'throughput', '1', 'p50_ms'), cross_wrk), '+.2f')} / "
+            f"{fmt(diff(dig(g, 'ttft', '1', 'p50_ms'), cross_ttft), '+.2f')}"
+        ),
+        "info",
+        "",
+    )
+    add("RSS MB before → after long run", lambda g: _rss(g)[0], "", "")
+    add("RSS growth MB", lambda g: _rss(g)[1], "< 10", verdict(_rss(lm)[2], lambda v: v < 10))
+    add(
+        "requests/s @64, N workers",
+        lambda g: _scaling(g)[0],
+        "scales (≥ 1.2x)",
+        verdict(_scaling(lm)[1], lambda v: v >= 1.2),
+    )
+    add("failed requests (all wrk runs)", _errors, "0", "")
+    return header, rows
+
+
+def direct_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The upstreams measured without a gateway."""
+    d: dict[str, Any] = dig(doc, "results", "direct") or {}
+    rows = []
+    for c in ("1", "64"):
+        t = dig(d, "throughput", c) or {}
+        rows.append(
+            [
+                f"nginx @{c} (wrk)",
+                fmt(num(t.get("rps")), ",.0f"),
+                fmt(num(t.get("p50_ms")), ".3f"),
+                fmt(num(t.get("p99_ms")), ".3f"),
+            ]
+        )
+    t = dig(d, "cross_core", "throughput", "1") or {}
+    rows.append(
+        [
+            "nginx @1, nginx on core 0 (cross-core)",
+            fmt(num(t.get("rps")), ",.0f"),
+            fmt(num(t.get("p50_ms")), ".3f"),
+            fmt(num(t.get("p99_ms")), ".3f"),
+        ]
+    )
+    for c in ("1", "32"):
+        t = dig(d, "ttft", c) or {}
+        rows.append(
+            [
+                f"SSE stub TTFT @{c} streams",
+                f"{t.get('samples', '—')} samples",
+                fmt(num(t.get("p50_ms")), ".3f"),
+                fmt(num(t.get("p99_ms")), ".3f"),
+            ]
+        )
+    t = dig(d, "cross_core", "ttft", "1") or {}
+    rows.append(
+        [
+            "SSE stub TTFT @1, stub on core 0 (cross-core)",
+            f"{t.get('samples', '—')} samples",
+            fmt(num(t.get("p50_ms")), ".3f"),
+            fmt(num(t.get("p99_ms")), ".3f"),
+        ]
+    )
+    return ["upstream, no gateway", "requests/s (or samples)", "p50 ms", "p99 ms"], rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def errors_section(doc: dict[str, Any]) -> str:
+    """Phases that failed, so a missing figure is explained."""
+    found = []
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("error"), str):
+                found.append(f"- `{path}`: {node['error'].splitlines()[0]}")
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else key)
+
+    walk(doc.get("results"), "")
+    return "\n".join(["## Failed phases", "", *found]) if found else ""
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The whole report."""
+    m = doc["machine"]
+    plan = doc["plan"]
+    parts = [
+        f"# lmgate benchmark {doc['timestamp']} ({plan['mode']} run, {doc['elapsed_s']} s)",
+        "",
+        f"Machine: {m['nproc']} cores, {m['cpu_model']}, {m['mem_total']}, Linux {m['kernel']}, "
+        f"Python {m['python']}, lmgate {m['lmgate']}, {m['wrk']}, {m['nginx']}.",
+        f"Load average at start {m['loadavg_start']}, at end {doc.get('loadavg_end', '?')} "
+        "(anything else running on these cores skews the figures).",
+        "Gateway pinned to core 0 (cores 0..N-1 with N workers); nginx, the SSE stub, wrk and "
+        "ttft.py pinned to core 1.",
+        "",
+        table(*gateway_rows(doc)),
+        "",
+        table(*direct_rows(doc)),
+        "",
+        errors_section(doc),
+        "## Commands",
+        "",
+        "```",
+        " ".join(doc["argv"]),
+        *doc["commands"],
+        "```",
+        "",
+    ]
+    return "\n".join(parts)
+
+
+def emit(doc: dict[str, Any], out_dir: Path) -> None:
+    """Print the Markdown and write <timestamp>.md and .json under `out_dir`."""
+    text = markdown(doc)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = out_dir / doc["timestamp"]
+    base.with_suffix(".md").write_text(text)
+    opts = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
+    base.with_suffix(".json").write_bytes(orjson.dumps(doc, option=opts))
+    print(text)
+    print(f"written: {base}.md and {base}.json", file=sys.stderr)

@@ -1,0 +1,436 @@
+"""lmgate benchmark: throughput, latency, CPU per request, TTFT and memory, vs LiteLLM.
+
+    .venv/bin/python bench/run.py [--quick] [--litellm] [--workers N] [--gateway-cmd TEMPLATE]
+
+Prints a Markdown report and writes bench/results/<timestamp>.{md,json}. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+import gateways
+import report
+from gateways import Gateway, Running
+from loadgen import CommandLog, run_ttft, run_wrk
+from proctree import Service, free_port, sample_tree, spawn, stop, wait_port
+from upstreams import nginx_conf
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_STUB = "{python} -m lmgate.testing.stub --host 127.0.0.1 --port {port} --chunk-delay 0.02"
+PREFLIGHT_BODY = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+GATEWAY_CPUS = "0"
+LOADGEN_CPUS = "1"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how much each measurement runs."""
+
+    mode: str
+    warmup_s: int
+    measure_s: int
+    concurrencies: tuple[int, ...]
+    soak_requests: int
+    soak_max_s: int
+    litellm_soak_s: int
+    ttft_rounds: dict[int, int]
+    ttft_warmup: int
+    ttft_max_s: float
+    workers: int
+    api_key: str
+
+
+@dataclass
+class Bench:
+    """Shared state of one benchmark session."""
+
+    plan: Plan
+    tmp: Path
+    log: CommandLog
+    nginx_port: int
+    stub_port: int
+    stub_ok: bool
+    stub_cmd: str
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Durations and counts for --quick or the full run, with overrides applied."""
+    quick = args.quick
+    return Plan(
+        mode="quick" if quick else "full",
+        warmup_s=1 if quick else 3,
+        measure_s=args.duration or (3 if quick else 10),
+        concurrencies=(1, 16, 64),
+        soak_requests=args.soak_requests or (20_000 if quick else 200_000),
+        soak_max_s=60 if quick else 600,
+        litellm_soak_s=10 if quick else 60,
+        ttft_rounds={1: 40, 32: 10} if quick else {1: 300, 32: 60},
+        ttft_warmup=1 if quick else 3,
+        ttft_max_s=10.0 if quick else 60.0,
+        workers=args.workers,
+        api_key=args.api_key,
+    )
+
+
+def progress(msg: str) -> None:
+    """Progress on stderr, so stdout carries only the report."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def wrk_measured(
+    bench: Bench, url: str, concurrency: int, pid: int | None, duration_s: int
+) -> dict[str, Any]:
+    """Warm up, then one measured wrk run bracketed by CPU samples of the gateway tree."""
+    run_wrk(bench.log, url, concurrency, bench.plan.warmup_s, api_key=bench.plan.api_key)
+    before = sample_tree(pid) if pid else None
+    result = run_wrk(bench.log, url, concurrency, duration_s, api_key=bench.plan.api_key)
+    if pid and before:
+        result.update(cpu_fields(before.cpu_seconds, sample_tree(pid).cpu_seconds, result))
+    progress(f"  c={concurrency}: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.2f} ms")
+    return result
+
+
+def cpu_fields(before: float, after: float, result: dict[str, Any]) -> dict[str, float]:
+    """Gateway CPU seconds spent and microseconds per completed request."""
+    spent = after - before
+    per = spent * 1e6 / result["requests"] if result["requests"] else float("nan")
+    return {"cpu_s": round(spent, 3), "cpu_us_per_request": per}
+
+
+def throughput(bench: Bench, run: Running, concurrencies: tuple[int, ...]) -> dict[str, Any]:
+    """Requests/s, latency and CPU per request at each concurrency."""
+    return {
+        str(c): wrk_measured(bench, run.url, c, run.service.pid, bench.plan.measure_s)
+        for c in concurrencies
+    }
+
+
+def ttft_once(bench: Bench, url: str, concurrency: int) -> dict[str, Any]:
+    """One TTFT measurement (warm-up rounds included) with ttft.py on the client core."""
+    plan = bench.plan
+    res = run_ttft(
+        bench.log,
+        url,
+        concurrency,
+        plan.ttft_rounds[concurrency],
+        warmup=plan.ttft_warmup,
+        max_seconds=plan.ttft_max_s,
+        api_key=plan.api_key,
+        cpus=LOADGEN_CPUS,
+    )
+    progress(f"  ttft c={concurrency}: p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms")
+    return res
+
+
+def ttft_suite(bench: Bench, url: str) -> dict[str, Any]:
+    """TTFT percentiles at each configured stream concurrency."""
+    return {str(c): ttft_once(bench, url, c) for c in bench.plan.ttft_rounds}
+
+
+def soak_runs(bench: Bench, url: str, target: int, max_s: int, rate: float) -> dict[str, Any]:
+    """wrk runs at concurrency 64 until `target` requests are done or `max_s` has passed.
+
+    wrk is bounded by time only, so each run's length is estimated from the rate so far.
+    """
+    total: dict[str, Any] = {"requests": 0, "duration_s": 0.0, "error_total": 0, "runs": 0}
+    deadline = time.monotonic() + max_s
+    while total["requests"] < target and (left := deadline - time.monotonic()) >= 1:
+        if total["duration_s"]:
+            rate = total["requests"] / total["duration_s"]
+        wanted = math.ceil((target - total["requests"]) / max(rate, 1.0))
+        res = run_wrk(
+            bench.log, url, 64, int(min(left, max(1, wanted))), api_key=bench.plan.api_key
+        )
+        for key in ("requests", "duration_s", "error_total"):
+            total[key] += res[key]
+        total["runs"] += 1
+    total["rps"] = total["requests"] / total["duration_s"] if total["duration_s"] else 0.0
+    return total
+
+
+def soak(bench: Bench, run: Running, by_time: bool, rate: float) -> dict[str, Any]:
+    """RSS of the gateway tree before and after a long run at concurrency 64."""
+    plan = bench.plan
+    run_wrk(bench.log, run.url, 64, plan.warmup_s, api_key=plan.api_key)
+    before = sample_tree(run.service.pid)
+    if by_time:
+        result = soak_runs(bench, run.url, 2**62, plan.litellm_soak_s, rate)
+    else:
+        result = soak_runs(bench, run.url, plan.soak_requests, plan.soak_max_s, rate)
+    time.sleep(1.0)
+    after = sample_tree(run.service.pid)
+    result.update(cpu_fields(before.cpu_seconds, after.cpu_seconds, result))
+    result.update(
+        rss_before_mb=before.rss_bytes / 2**20,
+        rss_after_mb=after.rss_bytes / 2**20,
+        rss_growth_mb=(after.rss_bytes - before.rss_bytes) / 2**20,
+        processes=len(after.pids),
+        bounded_by="time" if by_time else "count",
+    )
+    progress(f"  soak: {result['requests']} requests, RSS {result['rss_growth_mb']:+.1f} MB")
+    return result
+
+
+def dig_rate(out: dict[str, Any]) -> float:
+    """Requests/s at 64 concurrent from the throughput phase, or a guess."""
+    try:
+        return float(out["throughput"]["64"]["rps"])
+    except (KeyError, TypeError, ValueError):
+        return 1000.0
+
+
+def guarded(name: str, out: dict[str, Any], fn: Callable[[], Any]) -> None:
+    """Run one phase; store its result under `name`, or the error if it fails."""
+    try:
+        out[name] = fn()
+    except Exception as exc:
+        progress(f"  {name} failed: {exc}")
+        out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        traceback.print_exc(file=sys.stderr)
+
+
+@contextlib.contextmanager
+def gateway_up(bench: Bench, gw: Gateway, workers: int, cpus: str) -> Iterator[Running]:
+    """A started gateway, stopped on exit."""
+    run = gateways.start(
+        gw,
+        bench.tmp,
+        bench.log,
+        workers=workers,
+        cpus=cpus,
+        nginx_port=bench.nginx_port,
+        stub_port=bench.stub_port,
+    )
+    try:
+        yield run
+    finally:
+        stop(run.service)
+
+
+def preflight(url: str, api_key: str, stream: bool) -> None:
+    """One real request (and one stream) must succeed, or the figures would be of errors."""
+    cases = [("bench-model", False), ("stream-model", True)] if stream else [("bench-model", False)]
+    for model, streaming in cases:
+        body = orjson.dumps({**PREFLIGHT_BODY, "model": model, "stream": streaming})
+        req = urllib.request.Request(
+            url + "/v1/chat/completions",
+            data=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                text = resp.read()
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"preflight {model}: HTTP {exc.code} {exc.read()[:300]!r}") from None
+        marker = b"data:" if streaming else b'"choices"'
+        if marker not in text:
+            raise RuntimeError(f"preflight {model}: unexpected answer {text[:300]!r}")
+
+
+def measure_gateway(bench: Bench, gw: Gateway) -> dict[str, Any]:
+    """All single-worker figures for one gateway, then its multi-worker throughput."""
+    out: dict[str, Any] = {"label": gw.label}
+    progress(f"{gw.label}: starting (1 worker, cpus {GATEWAY_CPUS})")
+    try:
+        with gateway_up(bench, gw, 1, GATEWAY_CPUS) as run:
+            preflight(run.url, bench.plan.api_key, bench.stub_ok)
+            out["rss_idle_mb"] = sample_tree(run.service.pid).rss_bytes / 2**20
+            guarded("throughput", out, lambda: throughput(bench, run, bench.plan.concurrencies))
+            if bench.stub_ok:
+                guarded("ttft", out, lambda: ttft_suite(bench, run.url))
+            rate = dig_rate(out)
+            guarded("soak", out, lambda: soak(bench, run, gw.name == "litellm", rate))
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        progress(f"{gw.label} failed: {exc}")
+        return out
+    if bench.plan.workers > 1 and gw.name == "lmgate":
+        guarded("workers", out, lambda: scaling(bench, gw))
+    return out
+
+
+def scaling(bench: Bench, gw: Gateway) -> dict[str, Any]:
+    """Throughput with N workers, the gateway allowed on the first N cores."""
+    n = bench.plan.workers
+    cpus = ",".join(str(i) for i in range(min(n, os.cpu_count() or 1)))
+    progress(f"{gw.label}: starting ({n} workers, cpus {cpus})")
+    with gateway_up(bench, gw, n, cpus) as run:
+        res = throughput(bench, run, tuple(c for c in bench.plan.concurrencies if c > 1))
+    return {"workers": n, "cpus": cpus, "throughput": res}
+
+
+def direct(bench: Bench) -> dict[str, Any]:
+    """The upstreams without a gateway: nginx via wrk, the stub via ttft.py."""
+    out: dict[str, Any] = {}
+    url = f"http://127.0.0.1:{bench.nginx_port}"
+    progress("direct to nginx")
+    guarded(
+        "throughput",
+        out,
+        lambda: {str(c): wrk_measured(bench, url, c, None, bench.plan.measure_s) for c in (1, 64)},
+    )
+    if bench.stub_ok:
+        progress("direct to the SSE stub")
+        guarded("ttft", out, lambda: ttft_suite(bench, f"http://127.0.0.1:{bench.stub_port}"))
+    guarded("cross_core", out, lambda: cross_core(bench))
+    return out
+
+
+def cross_core(bench: Bench) -> dict[str, Any]:
+    """Reference: upstreams on the gateway's core, client on core 1, no gateway.
+
+    Measures what merely crossing cores costs on this machine (on a VM, waking an idle
+    vCPU can take far longer than the gateway's own work).
+    """
+    progress(f"cross-core reference: upstreams on core {GATEWAY_CPUS}, no gateway")
+    out: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        nginx, port = start_nginx(bench.tmp, bench.log, "nginx-cross", GATEWAY_CPUS)
+        stack.callback(stop, nginx)
+        out["throughput"] = {
+            "1": wrk_measured(bench, f"http://127.0.0.1:{port}", 1, None, bench.plan.measure_s)
+        }
+        if bench.stub_ok:
+            stub, sport = start_stub(bench.tmp, bench.log, bench.stub_cmd, "stub-x", GATEWAY_CPUS)
+            if stub:
+                stack.callback(stop, stub)
+                out["ttft"] = {"1": ttft_once(bench, f"http://127.0.0.1:{sport}", 1)}
+    return out
+
+
+def start_nginx(tmp: Path, log: CommandLog, name: str, cpus: str) -> tuple[Service, int]:
+    """A fixed-answer nginx upstream pinned to `cpus`."""
+    port = free_port()
+    conf = nginx_conf(tmp / name, port)
+    svc = spawn(name, ["nginx", "-c", str(conf), "-p", str(tmp / name)], cpus, tmp)
+    log.add(svc.cmd)
+    wait_port(svc, port, 20)
+    return svc, port
+
+
+def start_stub(
+    tmp: Path, log: CommandLog, template: str, name: str, cpus: str
+) -> tuple[Service | None, int]:
+    """The paced SSE stub; (None, port) with a warning if it cannot start."""
+    port = free_port()
+    fields = {"python": shlex.quote(sys.executable), "port": port, "host": "127.0.0.1"}
+    cmd = shlex.split(template.format(**fields))
+    svc = spawn(name, cmd, cpus, tmp, cwd=BENCH_DIR.parent)
+    log.add(svc.cmd)
+    try:
+        wait_port(svc, port, 30)
+    except (RuntimeError, TimeoutError) as exc:
+        progress(f"SSE stub unavailable, TTFT skipped: {exc}")
+        stop(svc)
+        return None, port
+    return svc, port
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short runs, ~1 minute in all")
+    p.add_argument("--litellm", action="store_true", help="also measure LiteLLM's proxy")
+    p.add_argument("--litellm-version", default="1.106.2")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="workers for the scaling run (default 2; 1 skips it)",
+    )
+    p.add_argument(
+        "--gateway-cmd",
+        help="command template for the gateway; placeholders {python} {host} {port} "
+        "{config} {workers} (default: lmgate serve ...)",
+    )
+    p.add_argument("--stub-cmd", default=DEFAULT_STUB, help="SSE stub command template")
+    p.add_argument("--duration", type=int, help="seconds per measured wrk run")
+    p.add_argument("--soak-requests", type=int, help="requests in the RSS run")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("BENCH_API_KEY", "sk-bench"),
+        help="bearer key sent to the gateway (env BENCH_API_KEY)",
+    )
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    return p.parse_args(argv)
+
+
+def check_tools() -> None:
+    """Fail early if wrk, nginx or taskset is missing."""
+    missing = [t for t in ("wrk", "nginx", "taskset") if shutil.which(t) is None]
+    if missing:
+        sys.exit(
+            f"missing tools: {', '.join(missing)} (apt-get install wrk nginx-light util-linux)"
+        )
+
+
+def run_all(args: argparse.Namespace, plan: Plan, tmp: Path, log: CommandLog) -> dict[str, Any]:
+    """Start the upstreams, measure direct and each gateway, stop everything."""
+    targets = [gateways.lmgate(args.gateway_cmd)]
+    if args.litellm:
+        gateways.ensure_litellm(args.litellm_version, log)
+        targets.append(gateways.litellm(args.litellm_version, args.api_key))
+    with contextlib.ExitStack() as stack:
+        nginx, nginx_port = start_nginx(tmp, log, "nginx", LOADGEN_CPUS)
+        stack.callback(stop, nginx)
+        stub, stub_port = start_stub(tmp, log, args.stub_cmd, "stub", LOADGEN_CPUS)
+        if stub:
+            stack.callback(stop, stub)
+        bench = Bench(plan, tmp, log, nginx_port, stub_port, stub is not None, args.stub_cmd)
+        results: dict[str, Any] = {"direct": direct(bench), "gateways": {}}
+        for gw in targets:
+            results["gateways"][gw.name] = measure_gateway(bench, gw)
+        return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and write the report."""
+    args = parse_args(argv)
+    check_tools()
+    plan = make_plan(args)
+    log = CommandLog()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    tmp = Path(tempfile.mkdtemp(prefix="lmgate-bench-"))
+    started = time.monotonic()
+    machine = report.machine_info()
+    try:
+        results = run_all(args, plan, tmp, log)
+    finally:
+        if args.keep_tmp:
+            progress(f"configs and logs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    doc = {
+        "timestamp": stamp,
+        "argv": [sys.executable, *sys.argv],
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "machine": machine,
+        "plan": asdict(plan),
+        "results": results,
+        "loadavg_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "commands": log.commands,
+    }
+    report.emit(doc, args.out)
+
+
+if __name__ == "__main__":
+    main()
