@@ -161,7 +161,10 @@ class Gateway:
     async def _model(self, req: Request, model_id: str) -> None:
         if req.method != "GET":
             raise GatewayError(
-                405, f"Method {req.method} is not allowed.", headers={"Allow": "GET"}
+                405,
+                f"Method {req.method} is not allowed on {req.path}; use GET.",
+                code="method_not_allowed",
+                headers={"Allow": "GET"},
             )
         route = self.router.resolve(model_id)
         if route is None:

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
-_PROXY_SCHEMES = ("socks5://", "socks5h://", "socks4://", "http://", "https://")
+_PROXY_SCHEMES = ("socks5://", "socks5h://", "socks4://", "http://")
 
 
 class _Strict(BaseModel):
@@ -91,6 +91,8 @@ class ModelConfig(_Strict):
             raise ValueError("`model` needs `provider`; inside `deployments` set it per deployment")
         if not self.deployments:
             raise ValueError("a model needs `provider` or at least one deployment")
+        if "*" in self.name and self.aliases:
+            raise ValueError("a `*` pattern cannot have aliases")
         return self
 
 
