@@ -90,17 +90,19 @@ def ensure_litellm(version: str, log: CommandLog) -> None:
     marker = LITELLM_VENV / f".installed-{version}"
     if marker.exists():
         return
-    steps = [
-        [sys.executable, "-m", "venv", str(LITELLM_VENV)],
-        [str(LITELLM_VENV / "bin" / "pip"), "install", "-q", f"litellm[proxy]=={version}"],
-    ]
-    for cmd in steps:
-        if cmd[1] == "-m" and (LITELLM_VENV / "bin" / "pip").exists():
-            continue
-        log.add(cmd)
-        print(f"# {shlex.join(cmd)}", file=sys.stderr)
-        subprocess.run(cmd, check=True)
+    pip = LITELLM_VENV / "bin" / "pip"
+    if not pip.exists():
+        _run_logged(log, [sys.executable, "-m", "venv", str(LITELLM_VENV)])
+    for old in LITELLM_VENV.glob(".installed-*"):
+        old.unlink()
+    _run_logged(log, [str(pip), "install", "-q", f"litellm[proxy]=={version}"])
     marker.touch()
+
+
+def _run_logged(log: CommandLog, cmd: list[str]) -> None:
+    log.add(cmd)
+    print(f"# {shlex.join(cmd)}", file=sys.stderr)
+    subprocess.run(cmd, check=True)
 
 
 def write_config(gw: Gateway, tmp: Path, port: int, nginx_port: int, stub_port: int) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -85,6 +86,21 @@ def sample_tree(root: int) -> TreeSample:
         pages += int(fields[21])
         pids.append(pid)
     return TreeSample(ticks / CLK_TCK, pages * PAGE_SIZE, tuple(pids))
+
+
+def machine_busy_seconds() -> float:
+    """User + nice + system CPU seconds of the whole machine (first line of /proc/stat)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return sum(int(x) for x in fields[1:4]) / CLK_TCK
+
+
+def own_and_children_seconds() -> float:
+    """CPU seconds of this process and its reaped children (wrk, ttft.py)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
 
 
 def free_port() -> int:

@@ -117,13 +117,24 @@ def _scaling(g: dict[str, Any]) -> tuple[str, Figure]:
     if many is None or one is None or one == 0:
         return "—", None
     n = dig(g, "workers", "workers")
-    return f"{many:,.0f} ({many / one:.2f}x of 1, {n} workers)", many / one
+    cpu = fmt(num(dig(g, "workers", "throughput", "64", "cpu_us_per_request")), ",.0f")
+    return f"{many:,.0f} ({many / one:.2f}x of 1 worker; {n} workers, {cpu} µs/req)", many / one
 
 
 def _errors(g: dict[str, Any]) -> str:
     runs = [*(g.get("throughput") or {}).values(), g.get("soak") or {}]
     total = sum(int(r.get("error_total") or 0) for r in runs if isinstance(r, dict))
     return f"{total:,}"
+
+
+def _foreign(g: dict[str, Any]) -> str:
+    runs = [
+        *(g.get("throughput") or {}).values(),
+        *(dig(g, "workers", "throughput") or {}).values(),
+    ]
+    values = [num(r.get("foreign_cpu_pct")) for r in runs if isinstance(r, dict)]
+    found = [v for v in values if v is not None]
+    return fmt(max(found), ".0f", "%") if found else "—"
 
 
 def _rss(g: dict[str, Any]) -> tuple[str, str, Figure]:
@@ -209,52 +220,37 @@ def gateway_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         verdict(_scaling(lm)[1], lambda v: v >= 1.2),
     )
     add("failed requests (all wrk runs)", _errors, "0", "")
+    add("CPU of other processes during runs, max % of a core", _foreign, "≈ 0", "")
     return header, rows
+
+
+def _cells(t: dict[str, Any], first: str) -> list[str]:
+    return [
+        first,
+        fmt(num(t.get("p50_ms")), ".3f"),
+        fmt(num(t.get("p99_ms")), ".3f"),
+        fmt(num(t.get("foreign_cpu_pct")), ".0f", "%"),
+    ]
 
 
 def direct_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The upstreams measured without a gateway."""
     d: dict[str, Any] = dig(doc, "results", "direct") or {}
-    rows = []
-    for c in ("1", "64"):
-        t = dig(d, "throughput", c) or {}
-        rows.append(
-            [
-                f"nginx @{c} (wrk)",
-                fmt(num(t.get("rps")), ",.0f"),
-                fmt(num(t.get("p50_ms")), ".3f"),
-                fmt(num(t.get("p99_ms")), ".3f"),
-            ]
-        )
-    t = dig(d, "cross_core", "throughput", "1") or {}
-    rows.append(
-        [
-            "nginx @1, nginx on core 0 (cross-core)",
-            fmt(num(t.get("rps")), ",.0f"),
-            fmt(num(t.get("p50_ms")), ".3f"),
-            fmt(num(t.get("p99_ms")), ".3f"),
-        ]
-    )
-    for c in ("1", "32"):
-        t = dig(d, "ttft", c) or {}
-        rows.append(
-            [
-                f"SSE stub TTFT @{c} streams",
-                f"{t.get('samples', '—')} samples",
-                fmt(num(t.get("p50_ms")), ".3f"),
-                fmt(num(t.get("p99_ms")), ".3f"),
-            ]
-        )
-    t = dig(d, "cross_core", "ttft", "1") or {}
-    rows.append(
-        [
-            "SSE stub TTFT @1, stub on core 0 (cross-core)",
-            f"{t.get('samples', '—')} samples",
-            fmt(num(t.get("p50_ms")), ".3f"),
-            fmt(num(t.get("p99_ms")), ".3f"),
-        ]
-    )
-    return ["upstream, no gateway", "requests/s (or samples)", "p50 ms", "p99 ms"], rows
+    wrk_runs = [(f"nginx @{c} (wrk)", dig(d, "throughput", c)) for c in ("1", "64")] + [
+        ("nginx @1, nginx on core 0 (cross-core)", dig(d, "cross_core", "throughput", "1"))
+    ]
+    ttft_runs = [(f"SSE stub TTFT @{c} streams", dig(d, "ttft", c)) for c in ("1", "32")] + [
+        ("SSE stub TTFT @1, stub on core 0 (cross-core)", dig(d, "cross_core", "ttft", "1"))
+    ]
+    rows = [
+        [name, *_cells(t or {}, fmt(num((t or {}).get("rps")), ",.0f"))] for name, t in wrk_runs
+    ]
+    rows += [
+        [name, *_cells(t or {}, f"{(t or {}).get('samples', '—')} samples")]
+        for name, t in ttft_runs
+    ]
+    header = ["upstream, no gateway", "requests/s (or samples)", "p50 ms", "p99 ms", "others' CPU"]
+    return header, rows
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

@@ -30,7 +30,16 @@ import gateways
 import report
 from gateways import Gateway, Running
 from loadgen import CommandLog, run_ttft, run_wrk
-from proctree import Service, free_port, sample_tree, spawn, stop, wait_port
+from proctree import (
+    Service,
+    free_port,
+    machine_busy_seconds,
+    own_and_children_seconds,
+    sample_tree,
+    spawn,
+    stop,
+    wait_port,
+)
 from upstreams import nginx_conf
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -69,6 +78,7 @@ class Bench:
     stub_port: int
     stub_ok: bool
     stub_cmd: str
+    upstream_pids: list[int]
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -95,15 +105,30 @@ def progress(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def known_cpu(bench: Bench, pid: int | None) -> tuple[float, float, float]:
+    """(gateway tree, everything this harness started, whole machine) CPU seconds so far."""
+    gateway = sample_tree(pid).cpu_seconds if pid else 0.0
+    ours = gateway + own_and_children_seconds()
+    ours += sum(sample_tree(p).cpu_seconds for p in bench.upstream_pids)
+    return gateway, ours, machine_busy_seconds()
+
+
 def wrk_measured(
     bench: Bench, url: str, concurrency: int, pid: int | None, duration_s: int
 ) -> dict[str, Any]:
-    """Warm up, then one measured wrk run bracketed by CPU samples of the gateway tree."""
+    """Warm up, then one measured wrk run bracketed by CPU samples.
+
+    Besides the gateway's CPU per request, it records how much CPU processes not started
+    by this harness used meanwhile (`foreign_cpu_pct`, % of one core): a noise indicator.
+    """
     run_wrk(bench.log, url, concurrency, bench.plan.warmup_s, api_key=bench.plan.api_key)
-    before = sample_tree(pid) if pid else None
+    gw0, ours0, machine0 = known_cpu(bench, pid)
     result = run_wrk(bench.log, url, concurrency, duration_s, api_key=bench.plan.api_key)
-    if pid and before:
-        result.update(cpu_fields(before.cpu_seconds, sample_tree(pid).cpu_seconds, result))
+    gw1, ours1, machine1 = known_cpu(bench, pid)
+    if pid:
+        result.update(cpu_fields(gw0, gw1, result))
+    foreign = (machine1 - machine0) - (ours1 - ours0)
+    result["foreign_cpu_pct"] = max(0.0, foreign) * 100 / max(result["duration_s"], 1e-9)
     progress(f"  c={concurrency}: {result['rps']:.0f} req/s, p50 {result['p50_ms']:.2f} ms")
     return result
 
@@ -273,6 +298,7 @@ def scaling(bench: Bench, gw: Gateway) -> dict[str, Any]:
     cpus = ",".join(str(i) for i in range(min(n, os.cpu_count() or 1)))
     progress(f"{gw.label}: starting ({n} workers, cpus {cpus})")
     with gateway_up(bench, gw, n, cpus) as run:
+        preflight(run.url, bench.plan.api_key, stream=False)
         res = throughput(bench, run, tuple(c for c in bench.plan.concurrencies if c > 1))
     return {"workers": n, "cpus": cpus, "throughput": res}
 
@@ -305,6 +331,8 @@ def cross_core(bench: Bench) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         nginx, port = start_nginx(bench.tmp, bench.log, "nginx-cross", GATEWAY_CPUS)
         stack.callback(stop, nginx)
+        bench.upstream_pids.append(nginx.pid)
+        stack.callback(bench.upstream_pids.remove, nginx.pid)
         out["throughput"] = {
             "1": wrk_measured(bench, f"http://127.0.0.1:{port}", 1, None, bench.plan.measure_s)
         }
@@ -395,7 +423,8 @@ def run_all(args: argparse.Namespace, plan: Plan, tmp: Path, log: CommandLog) ->
         stub, stub_port = start_stub(tmp, log, args.stub_cmd, "stub", LOADGEN_CPUS)
         if stub:
             stack.callback(stop, stub)
-        bench = Bench(plan, tmp, log, nginx_port, stub_port, stub is not None, args.stub_cmd)
+        pids = [nginx.pid] + ([stub.pid] if stub else [])
+        bench = Bench(plan, tmp, log, nginx_port, stub_port, stub is not None, args.stub_cmd, pids)
         results: dict[str, Any] = {"direct": direct(bench), "gateways": {}}
         for gw in targets:
             results["gateways"][gw.name] = measure_gateway(bench, gw)

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
-.venv/bin/ruff check lmgate tests bench
-.venv/bin/ruff format --check lmgate tests bench
+.venv/bin/ruff check lmgate tests bench examples
+.venv/bin/ruff format --check lmgate tests bench examples
 .venv/bin/mypy
 exec .venv/bin/pytest -q "$@"
