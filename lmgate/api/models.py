@@ -6,11 +6,11 @@ import logging
 import time
 from typing import Any
 
-import aiohttp
 import orjson
 
 from lmgate.routing.deployment import Deployment
 from lmgate.routing.router import Route, Router
+from lmgate.upstream.client import UpstreamError
 from lmgate.upstream.provider import Provider
 
 log = logging.getLogger("lmgate.models")
@@ -30,14 +30,16 @@ def listing(router: Router) -> dict[str, Any]:
 async def discover(provider: Provider, router: Router, timeout: float = 10.0) -> None:
     """Ask a provider for its models and route each as `<provider>/<model>`."""
     try:
-        async with provider.session.get(
-            provider.url("/models"), timeout=aiohttp.ClientTimeout(total=timeout)
-        ) as resp:
-            if resp.status != 200:
-                log.warning("model discovery on %s: status %d", provider.name, resp.status)
-                return
-            data = orjson.loads(await resp.read()).get("data") or []
-    except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, AttributeError) as e:
+        resp = await provider.request("GET", "/models", total_timeout=timeout)
+        try:
+            status, raw = resp.status, await resp.read()
+        finally:
+            resp.release()
+        if status != 200:
+            log.warning("model discovery on %s: status %d", provider.name, status)
+            return
+        data = orjson.loads(raw).get("data") or []
+    except (UpstreamError, orjson.JSONDecodeError, AttributeError) as e:
         log.warning("model discovery on %s failed: %s", provider.name, type(e).__name__)
         return
     for entry in data:

@@ -7,24 +7,17 @@ import logging
 import re
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
-from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError
 
 from lmgate.api.errors import GatewayError, sse_error_event
-from lmgate.api.http import Headers, Message, Receive, Request
+from lmgate.api.http import ClientGone, Headers, Message, Receive, Request
 from lmgate.config.schema import RoutingSettings
 from lmgate.routing.deployment import Deployment, attempt_order
+from lmgate.upstream.client import BodyBroken, ConnectFailed, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("lmgate.relay")
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-_CONNECT_ERRORS = (
-    aiohttp.ClientConnectionError,
-    ProxyError,
-    ProxyTimeoutError,
-    ProxyConnectionError,
-)
 _URL = re.compile(r"https?://[^\s\"'<>]+")
 _SSE = b"text/event-stream"
 
@@ -67,8 +60,9 @@ async def forward(
 ) -> None:
     """Send the request to the best deployment, falling over to others before any byte is sent.
 
-    Connection failures are retried (on the same deployment when it is the only one: a pooled
-    connection may have gone stale); 429 and 5xx answers only move on to another deployment.
+    Connection failures are retried (on the same deployment when it is the only one); 429 and
+    5xx answers only move on to another deployment. A timeout is never retried: the upstream
+    may still be working on the request.
     """
     order = attempt_order(deployments, rs.retries + 1)
     if len(order) == 1 and rs.retries:
@@ -79,14 +73,18 @@ async def forward(
         dep.inflight += 1
         try:
             resp = await _open(req, call, payload, dep)
-        except _CONNECT_ERRORS as e:
+        except (ConnectFailed, BodyBroken) as e:
             dep.inflight -= 1
-            if isinstance(e, aiohttp.SocketTimeoutError):
-                raise _timeout_error(dep) from None
             dep.failed(rs.allowed_fails, rs.cooldown)
-            log.warning("upstream %s unreachable: %s", dep.label, type(e).__name__)
-            last = GatewayError(
-                502, f"Could not reach provider {dep.provider.name!r}.", code="upstream_unreachable"
+            log.warning("upstream %s failed: %s", dep.label, e)
+            last = (
+                _broken(dep)
+                if isinstance(e, BodyBroken)
+                else GatewayError(
+                    502,
+                    f"Could not reach provider {dep.provider.name!r}.",
+                    code="upstream_unreachable",
+                )
             )
             continue
         except TimeoutError:
@@ -109,80 +107,77 @@ async def forward(
     raise last
 
 
-async def _open(
-    req: Request, call: Call, payload: Payload, dep: Deployment
-) -> aiohttp.ClientResponse:
-    provider = dep.provider
+async def _open(req: Request, call: Call, payload: Payload, dep: Deployment) -> UpstreamResponse:
     headers = {"x-request-id": req.request_id.decode()}
     if call.content_type is not None:
-        headers["Content-Type"] = call.content_type.decode()
-    timeout = provider.timeout
-    if call.timeout is not None:
-        timeout = aiohttp.ClientTimeout(
-            total=call.timeout, sock_connect=provider.config.timeout.connect
-        )
-    return await provider.session.request(
-        call.method,
-        provider.url(call.suffix),
-        data=payload.for_deployment(dep),
-        headers=headers,
-        timeout=timeout,
-        allow_redirects=False,
+        headers["content-type"] = call.content_type.decode("latin-1")
+    return await dep.provider.request(
+        call.method, call.suffix, payload.for_deployment(dep), headers, call.timeout
     )
 
 
-async def _relay(req: Request, call: Call, resp: aiohttp.ClientResponse, dep: Deployment) -> None:
+async def _relay(req: Request, call: Call, resp: UpstreamResponse, dep: Deployment) -> None:
     if resp.status >= 400:
         raise await _upstream_error(resp, dep)
-    content_type = resp.headers.get("Content-Type", "application/json").encode()
+    content_type = resp.headers.get("content-type", "application/json").encode("latin-1")
     if content_type.startswith(_SSE):
         await _relay_stream(req, call, resp, dep)
         return
     try:
         body = await resp.read()
-    except aiohttp.SocketTimeoutError:
-        raise _timeout_error(dep) from None
     except TimeoutError:
         raise _timeout_error(dep) from None
-    except aiohttp.ClientError:
+    except UpstreamError:
         raise _broken(dep) from None
     await req.respond(resp.status, body, content_type)
 
 
-async def _relay_stream(
-    req: Request, call: Call, resp: aiohttp.ClientResponse, dep: Deployment
-) -> None:
-    """Relay SSE bytes as they arrive; stop the upstream as soon as the client leaves."""
+async def _relay_stream(req: Request, call: Call, resp: UpstreamResponse, dep: Deployment) -> None:
+    """Relay SSE bytes as they arrive; stop the upstream as soon as the client leaves.
+
+    The response starts with the first chunk, so that a failure before it is still an ordinary
+    error response, and the client gets headers and first token in one write.
+    """
     send = req.send
+    watcher = asyncio.ensure_future(_disconnected(req.receive))
+    watcher.add_done_callback(lambda t: None if t.cancelled() else resp.close())
+    started = False
+    tail = b""
+    failure: GatewayError | None = None
+    try:
+        async for chunk in resp.chunks():
+            if not started:
+                await _start_stream(req, resp.status)
+                started = True
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            tail = (tail + chunk)[-32:]
+        if call.expects_done and not tail.rstrip().endswith(b"[DONE]"):
+            failure = _broken(dep)
+    except UpstreamError as e:
+        if watcher.done():
+            raise ClientGone from None  # the upstream connection is already closed
+        failure = _timeout_error(dep) if isinstance(e, TimeoutError) else _broken(dep)
+    finally:
+        watcher.cancel()
+    if failure is not None:
+        log.warning("stream from %s broke: %s", dep.label, failure.message)
+        if not started:
+            raise failure
+        event = sse_error_event(failure)
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+    if not started:
+        await _start_stream(req, resp.status)
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _start_stream(req: Request, status: int) -> None:
     headers: Headers = [
         (b"content-type", b"text/event-stream; charset=utf-8"),
         (b"cache-control", b"no-cache"),
         (b"x-accel-buffering", b"no"),
         (b"x-request-id", req.request_id),
     ]
-    await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-    watcher = asyncio.ensure_future(_disconnected(req.receive))
-    watcher.add_done_callback(lambda t: None if t.cancelled() else resp.close())
-    tail = b""
-    failure: GatewayError | None = None
-    try:
-        async for chunk in resp.content.iter_any():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            tail = (tail + chunk)[-32:]
-        if call.expects_done and not tail.rstrip().endswith(b"[DONE]"):
-            failure = _broken(dep)
-    except (aiohttp.ClientError, TimeoutError) as e:
-        if watcher.done():
-            return  # the client left; the upstream connection is already closed
-        failure = _timeout_error(dep) if isinstance(e, TimeoutError) else _broken(dep)
-    finally:
-        watcher.cancel()
-    if failure is not None:
-        log.warning("stream from %s broke: %s", dep.label, failure.message)
-        await send(
-            {"type": "http.response.body", "body": sse_error_event(failure), "more_body": True}
-        )
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await req.send({"type": "http.response.start", "status": status, "headers": headers})
 
 
 async def _disconnected(receive: Receive) -> Message:
@@ -192,11 +187,11 @@ async def _disconnected(receive: Receive) -> Message:
             return message
 
 
-async def _upstream_error(resp: aiohttp.ClientResponse, dep: Deployment) -> GatewayError:
+async def _upstream_error(resp: UpstreamResponse, dep: Deployment) -> GatewayError:
     """The upstream's error as OpenAI's envelope, without credentials or internal addresses."""
     try:
         raw = await resp.read()
-    except (aiohttp.ClientError, TimeoutError):
+    except UpstreamError:
         raw = b""
     status = resp.status
     provider = dep.provider
@@ -219,8 +214,8 @@ async def _upstream_error(resp: aiohttp.ClientResponse, dep: Deployment) -> Gate
         status, code = 502, "upstream_auth_failed"
         message = f"Provider {provider.name!r} rejected the gateway's credentials."
         etype = "upstream_error"
-    elif "Retry-After" in resp.headers:
-        headers["Retry-After"] = resp.headers["Retry-After"]
+    elif "retry-after" in resp.headers:
+        headers["Retry-After"] = resp.headers["retry-after"]
     return GatewayError(
         status,
         message,

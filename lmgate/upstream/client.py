@@ -9,6 +9,7 @@ timeouts cost a timestamp per batch instead of a rescheduled timer.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 from collections import deque
@@ -207,7 +208,7 @@ class _Conn(asyncio.Protocol):
             self.parser.feed_data(data)
         except (HttpParserError, HttpParserUpgrade):
             if not self.complete:
-                self._fail(BodyBroken("invalid HTTP response"))
+                self.fail(BodyBroken("invalid HTTP response"))
                 return
             self.keep_alive = False  # bytes after the response: never reuse
         parts = self.parts
@@ -342,7 +343,8 @@ class _Conn(asyncio.Protocol):
             self.transport.resume_reading()
             self.last_read = self.loop.time()
 
-    def _fail(self, error: UpstreamError) -> None:
+    def fail(self, error: UpstreamError) -> None:
+        """Abort the connection; the pending request or body read raises `error`."""
         self.abort()
         fut, resp = self.fut, self.resp
         if fut is not None and not fut.done():
@@ -359,11 +361,11 @@ class _Conn(asyncio.Protocol):
             self.read_timer = self.loop.call_at(due, self._on_read_timer)
         else:
             self.read_timer = None
-            self._fail(ReadTimeout(f"no data from upstream for {timeout:g}s"))
+            self.fail(ReadTimeout(f"no data from upstream for {timeout:g}s"))
 
     def _on_total_timer(self) -> None:
         self.total_timer = None
-        self._fail(TotalTimeout("total timeout exceeded"))
+        self.fail(TotalTimeout("total timeout exceeded"))
 
     def _stop_timers(self) -> None:
         if self.read_timer is not None:
@@ -453,7 +455,7 @@ class UpstreamPool:
             if not waiter.done():
                 waiter.set_exception(ConnectFailed("connection pool closed"))
         for conn in list(self._conns):
-            conn.abort()
+            conn.fail(BodyBroken("connection pool closed"))
         self._idle.clear()
 
     # request bytes
@@ -471,20 +473,23 @@ class UpstreamPool:
         self, method: str, path: str, body: bytes | None, headers: Mapping[str, str] | None
     ) -> bytes:
         fixed = self._fixed
-        lines = [f"{method} {self.prefix}{path} HTTP/1.1\r\n"]
+        line = f"{method} {self.prefix}{path} HTTP/1.1\r\n"
+        extra = ""
         if headers:
-            lines.extend([f"{k}: {v}\r\n" for k, v in headers.items()])
+            extra = "".join([f"{k}: {v}\r\n" for k, v in headers.items()])
             if not self._default_names.isdisjoint(map(str.lower, headers)):
                 fixed = self._fixed_without(headers)
-        head = "".join(lines)
-        _check_lines(head, len(lines))
-        if body is not None:
-            tail = f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
-        elif method in _BODY_METHODS:
-            tail = "Content-Length: 0\r\nConnection: keep-alive\r\n\r\n"
+            _check_lines(line + extra, len(headers) + 1)
         else:
-            tail = "Connection: keep-alive\r\n\r\n"
-        return b"".join((head.encode("latin-1"), fixed, tail.encode(), body or b""))
+            _check_lines(line, 1)
+        if body is not None:
+            extra += f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+        elif method in _BODY_METHODS:
+            extra += "Content-Length: 0\r\nConnection: keep-alive\r\n\r\n"
+        else:
+            extra += "Connection: keep-alive\r\n\r\n"
+        parts = (line.encode("latin-1"), fixed, extra.encode("latin-1"))
+        return b"".join((*parts, body)) if body else b"".join(parts)
 
     def _fixed_without(self, headers: Mapping[str, str]) -> bytes:
         """The fixed headers minus defaults that `headers` overrides."""
@@ -640,7 +645,9 @@ def _connect_message(origin: str, error: Exception) -> str:
         return f"the proxy refused to connect to {origin}"
     if isinstance(error, ssl.SSLError):
         return f"TLS handshake with {origin} failed: {error.reason or type(error).__name__}"
-    reason = (error.strerror if isinstance(error, OSError) else None) or type(error).__name__
+    reason = type(error).__name__
+    if isinstance(error, OSError):
+        reason = os.strerror(error.errno) if error.errno else (error.strerror or reason)
     return f"connect to {origin} failed: {reason}"
 
 

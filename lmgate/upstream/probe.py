@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import aiohttp
-import aiohttp_socks
 import orjson
-import python_socks
 
+from lmgate.upstream.client import ConnectFailed
 from lmgate.upstream.provider import Provider
 
 _STATUS_REASONS = {
@@ -42,11 +38,12 @@ async def probe(provider: Provider, timeout: float = 10.0) -> ProbeResult:
     start = time.perf_counter()
     status: int | None = None
     try:
-        async with provider.session.get(
-            provider.url("/models"), timeout=aiohttp.ClientTimeout(total=timeout)
-        ) as resp:
+        resp = await provider.request("GET", "/models", total_timeout=timeout)
+        try:
             status = resp.status
             body = await resp.read()
+        finally:
+            resp.release()
     except Exception as e:  # every failure is a result, never a crash
         return ProbeResult(False, status, _ms(start), error=_scrub(provider, _reason(e, timeout)))
     latency = _ms(start)
@@ -78,33 +75,13 @@ def _status_reason(status: int) -> str:
 
 def _reason(e: Exception, timeout: float) -> str:
     """A one-line explanation of a failed request."""
-    if isinstance(e, (aiohttp_socks.ProxyTimeoutError, python_socks.ProxyTimeoutError)):
-        return "the proxy did not answer in time"
-    if isinstance(e, (aiohttp_socks.ProxyConnectionError, python_socks.ProxyConnectionError)):
-        return f"cannot connect to the proxy: {_os_reason(e)}"
-    if isinstance(e, (aiohttp_socks.ProxyError, python_socks.ProxyError)):
-        return f"the proxy failed: {e}"
     if isinstance(e, TimeoutError):
         return f"no answer within {timeout:g} s"
-    if isinstance(e, aiohttp.ClientConnectorCertificateError):
-        return f"TLS certificate problem: {e.certificate_error}"
-    if isinstance(e, aiohttp.ClientSSLError):
-        return f"TLS failed: {e.os_error}"
-    if isinstance(e, aiohttp.ClientConnectorError):
-        return f"cannot connect: {_os_reason(e)}"
+    if isinstance(e, ConnectFailed):
+        return str(e)
     if isinstance(e, ValueError):
         return f"invalid URL or proxy: {e}"
     return f"{type(e).__name__}: {e}".rstrip(": ")
-
-
-def _os_reason(e: Exception) -> str:
-    """The system's wording for the OS error behind `e`, such as "Connection refused"."""
-    for err in (getattr(e, "os_error", None), e.__cause__, e):
-        if isinstance(err, socket.gaierror):
-            return str(err.strerror)
-        if isinstance(err, OSError) and err.errno and err.errno > 0:
-            return os.strerror(err.errno)
-    return str(e)
 
 
 def _scrub(provider: Provider, text: str) -> str:

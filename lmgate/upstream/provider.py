@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import urllib.request
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
-from aiohttp_socks import ProxyConnector
-from yarl import URL
-
 from lmgate.config.schema import ProviderConfig
+from lmgate.upstream.client import UpstreamPool, UpstreamResponse
 
 
 class Provider:
@@ -23,50 +21,42 @@ class Provider:
         self.base_url = config.base_url
         self.proxy = config.proxy or env_proxy_for(config.base_url)
         self.secret = config.api_key.get_secret_value() if config.api_key else ""
-        self.timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.timeout.connect, sock_read=config.timeout.read
-        )
         headers = {"Accept-Encoding": "identity", **config.headers}
         if self.secret:
             headers["Authorization"] = f"Bearer {self.secret}"
         self.headers = headers
-        self._urls: dict[str, URL] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        """The provider's session; created on first use inside the running loop."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=self._connector(),
+    def pool(self) -> UpstreamPool:
+        """The provider's keep-alive pool (through its proxy, if any)."""
+        if self._pool is None:
+            self._pool = UpstreamPool(
+                self.base_url,
+                proxy=self.proxy,
                 headers=self.headers,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent",),
+                max_connections=self.config.max_connections,
+                connect_timeout=self.config.timeout.connect,
             )
-        return self._session
+        return self._pool
 
-    def _connector(self) -> aiohttp.BaseConnector:
-        limit = self.config.max_connections
-        if self.proxy:
-            # As in curl: socks5:// resolves names here, socks5h:// at the proxy (python-socks
-            # knows no socks5h scheme, only socks5 with remote resolution).
-            url, rdns = self.proxy, None
-            if url.startswith("socks5://"):
-                rdns = False
-            elif url.startswith("socks5h://"):
-                url, rdns = "socks5://" + url[len("socks5h://") :], True
-            return ProxyConnector.from_url(url, rdns=rdns, limit=limit, keepalive_timeout=60)
-        return aiohttp.TCPConnector(limit=limit, keepalive_timeout=60, ttl_dns_cache=300)
-
-    def url(self, suffix: str) -> URL:
-        """The upstream URL for an OpenAI path suffix such as `/chat/completions`."""
-        u = self._urls.get(suffix)
-        if u is None:
-            u = URL(self.base_url + suffix, encoded=True)
-            if len(self._urls) < 1024:
-                self._urls[suffix] = u
-        return u
+    async def request(
+        self,
+        method: str,
+        suffix: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        total_timeout: float | None = None,
+    ) -> UpstreamResponse:
+        """Send a request to base URL + `suffix` with the provider's credentials."""
+        return await self.pool.request(
+            method,
+            suffix,
+            body=body,
+            headers=headers,
+            read_timeout=self.config.timeout.read,
+            total_timeout=total_timeout,
+        )
 
     def scrub(self, text: str) -> str:
         """Remove this provider's credentials and address from a text meant for a client."""
@@ -77,9 +67,9 @@ class Provider:
 
     async def close(self) -> None:
         """Close the connection pool."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
 
 def env_proxy_for(url: str) -> str | None:
