@@ -101,6 +101,7 @@ def run_ttft(
     max_seconds: float,
     api_key: str = "sk-bench",
     model: str = "stream-model",
+    chunks: int = 4,
     cpus: str = "1",
 ) -> dict[str, Any]:
     """Run bench/ttft.py pinned to `cpus` and return its JSON summary."""
@@ -109,6 +110,7 @@ def run_ttft(
         "--url", url, "--model", model, "--api-key", api_key,
         "--concurrency", str(concurrency), "--iterations", str(iterations),
         "--warmup", str(warmup), "--max-seconds", str(max_seconds),
+        "--max-tokens", str(chunks),
     ]  # fmt: skip
     log.add(cmd)
     proc = subprocess.run(

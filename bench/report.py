@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import operator
 import os
 import platform
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,24 @@ def _lmgate_version() -> str:
     return _first_line([sys.executable, "-c", code])
 
 
+def _revision() -> str:
+    """The checked-out commit, read from .git's files (uncommitted changes not shown)."""
+    git = REPO_DIR / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head[:12]
+        ref = head[5:]
+        if (git / ref).exists():
+            return (git / ref).read_text().strip()[:12]
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0][:12]
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     """Facts that make figures comparable between machines."""
     return {
@@ -61,6 +81,7 @@ def machine_info() -> dict[str, Any]:
         "loadavg_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "python": sys.version.split()[0],
         "lmgate": _lmgate_version(),
+        "revision": _revision(),
         "wrk": _first_line(["wrk", "--version"]).split(" [")[0],
         "nginx": _first_line(["nginx", "-v"]),
     }
@@ -111,6 +132,10 @@ def _ttft_added(g: dict[str, Any], direct: dict[str, Any], c: str) -> tuple[str,
     return f"{fmt(p50, '+.2f')} (p99 {fmt(p99, '+.2f')})", p50
 
 
+def _ttft_text(g: dict[str, Any], direct: dict[str, Any], c: str) -> str:
+    return _ttft_added(g, direct, c)[0]
+
+
 def _scaling(g: dict[str, Any]) -> tuple[str, Figure]:
     many = num(dig(g, "workers", "throughput", "64", "rps"))
     one = num(dig(g, "throughput", "64", "rps"))
@@ -146,6 +171,32 @@ def _rss(g: dict[str, Any]) -> tuple[str, str, Figure]:
     return span, fmt(growth, "+.1f"), growth
 
 
+def _rps(g: dict[str, Any], c: str) -> str:
+    return fmt(num(dig(g, "throughput", c, "rps")), ",.0f")
+
+
+def _cpu(g: dict[str, Any], c: str) -> str:
+    return fmt(num(dig(g, "throughput", c, "cpu_us_per_request")), ",.0f")
+
+
+def _added(g: dict[str, Any], direct: dict[str, Any]) -> Figure:
+    return diff(dig(g, "throughput", "1", "p50_ms"), dig(direct, "throughput", "1", "p50_ms"))
+
+
+def _beyond_cross(g: dict[str, Any], direct: dict[str, Any]) -> str:
+    wrk = diff(
+        dig(g, "throughput", "1", "p50_ms"), dig(direct, "cross_core", "throughput", "1", "p50_ms")
+    )
+    ttft = diff(dig(g, "ttft", "1", "p50_ms"), dig(direct, "cross_core", "ttft", "1", "p50_ms"))
+    return f"{fmt(wrk, '+.2f')} / {fmt(ttft, '+.2f')}"
+
+
+def _ratio(gws: dict[str, Any]) -> Figure:
+    lm = num(dig(gws, "lmgate", "throughput", "64", "rps"))
+    ll = num(dig(gws, "litellm", "throughput", "64", "rps"))
+    return lm / ll if lm and ll else None
+
+
 def gateway_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the side-by-side table; verdicts are for lmgate."""
     gws: dict[str, Any] = dig(doc, "results", "gateways") or {}
@@ -159,55 +210,42 @@ def gateway_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
     lm = gws.get("lmgate", {})
     for c in ("1", "16", "64"):
-        add(
-            f"requests/s @{c}",
-            lambda g, c=c: fmt(num(dig(g, "throughput", c, "rps")), ",.0f"),
-            "",
-            "",
-        )
-    lm_rps = num(dig(lm, "throughput", "64", "rps"))
-    ll_rps = num(dig(gws.get("litellm"), "throughput", "64", "rps"))
-    ratio = lm_rps / ll_rps if lm_rps and ll_rps else None
+        add(f"requests/s @{c}", partial(_rps, c=c), "", "")
+    ratio = _ratio(gws)
+    ratio_text = fmt(ratio, ".1f", "x")
     add(
         "lmgate ÷ LiteLLM requests/s @64",
-        lambda g: fmt(ratio, ".1f", "x") if g is lm else "",
+        lambda g: ratio_text if g is lm else "",
         "≥ 30x",
         verdict(ratio, lambda r: r >= 30),
     )
     for c in ("1", "16", "64"):
-        add(f"latency p50 / p99 ms @{c}", lambda g, c=c: _latency(g, c), "", "")
+        add(f"latency p50 / p99 ms @{c}", partial(_latency, c=c), "", "")
     for c in ("1", "16", "64"):
         cpu = num(dig(lm, "throughput", c, "cpu_us_per_request"))
         add(
             f"gateway CPU µs/request @{c}",
-            lambda g, c=c: fmt(num(dig(g, "throughput", c, "cpu_us_per_request")), ",.0f"),
+            partial(_cpu, c=c),
             "≤ 500",
             verdict(cpu, lambda v: v <= 500),
         )
-    direct_p50 = dig(direct, "throughput", "1", "p50_ms")
-    added = diff(dig(lm, "throughput", "1", "p50_ms"), direct_p50)
     add(
         "added p50 ms vs direct @1",
-        lambda g: fmt(diff(dig(g, "throughput", "1", "p50_ms"), direct_p50), "+.2f"),
+        lambda g: fmt(_added(g, direct), "+.2f"),
         "≤ +0.6",
-        verdict(added, lambda v: v <= 0.6),
+        verdict(_added(lm, direct), lambda v: v <= 0.6),
     )
     for c, limit in (("1", 1.0), ("32", 5.0)):
         value = _ttft_added(lm, direct, c)[1]
         add(
             f"TTFT added ms @{c} streams",
-            lambda g, c=c: _ttft_added(g, direct, c)[0],
+            partial(_ttft_text, direct=direct, c=c),
             f"≤ {limit:g}",
-            verdict(value, lambda v, lim=limit: v <= lim),
+            verdict(value, partial(operator.ge, limit)),
         )
-    cross_wrk = dig(direct, "cross_core", "throughput", "1", "p50_ms")
-    cross_ttft = dig(direct, "cross_core", "ttft", "1", "p50_ms")
     add(
         "p50 ms @1 beyond the cross-core reference: wrk / TTFT",
-        lambda g: (
-            f"{fmt(diff(dig(g, 'throughput', '1', 'p50_ms'), cross_wrk), '+.2f')} / "
-            f"{fmt(diff(dig(g, 'ttft', '1', 'p50_ms'), cross_ttft), '+.2f')}"
-        ),
+        partial(_beyond_cross, direct=direct),
         "info",
         "",
     )
@@ -283,7 +321,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"# lmgate benchmark {doc['timestamp']} ({plan['mode']} run, {doc['elapsed_s']} s)",
         "",
         f"Machine: {m['nproc']} cores, {m['cpu_model']}, {m['mem_total']}, Linux {m['kernel']}, "
-        f"Python {m['python']}, lmgate {m['lmgate']}, {m['wrk']}, {m['nginx']}.",
+        f"Python {m['python']}, lmgate {m['lmgate']} (commit {m.get('revision', '?')}, "
+        f"plus any uncommitted changes), {m['wrk']}, {m['nginx']}.",
         f"Load average at start {m['loadavg_start']}, at end {doc.get('loadavg_end', '?')} "
         "(anything else running on these cores skews the figures).",
         "Gateway pinned to core 0 (cores 0..N-1 with N workers); nginx, the SSE stub, wrk and "

@@ -63,6 +63,7 @@ class Plan:
     ttft_rounds: dict[int, int]
     ttft_warmup: int
     ttft_max_s: float
+    ttft_chunks: int
     workers: int
     api_key: str
 
@@ -95,6 +96,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         ttft_rounds={1: 40, 32: 10} if quick else {1: 300, 32: 60},
         ttft_warmup=1 if quick else 3,
         ttft_max_s=10.0 if quick else 60.0,
+        ttft_chunks=args.ttft_chunks,
         workers=args.workers,
         api_key=args.api_key,
     )
@@ -159,6 +161,7 @@ def ttft_once(bench: Bench, url: str, concurrency: int) -> dict[str, Any]:
         warmup=plan.ttft_warmup,
         max_seconds=plan.ttft_max_s,
         api_key=plan.api_key,
+        chunks=plan.ttft_chunks,
         cpus=LOADGEN_CPUS,
     )
     progress(f"  ttft c={concurrency}: p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms")
@@ -390,6 +393,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "{config} {workers} (default: lmgate serve ...)",
     )
     p.add_argument("--stub-cmd", default=DEFAULT_STUB, help="SSE stub command template")
+    p.add_argument(
+        "--ttft-chunks",
+        type=int,
+        default=4,
+        help="content chunks per TTFT stream (max_tokens; 20 ms apart; default 4)",
+    )
     p.add_argument("--duration", type=int, help="seconds per measured wrk run")
     p.add_argument("--soak-requests", type=int, help="requests in the RSS run")
     p.add_argument(

@@ -135,10 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import uvloop
 
-        runner = uvloop.run
+        result = uvloop.run(measure(args))
     except ImportError:
-        runner = asyncio.run
-    result = runner(measure(args))
+        result = asyncio.run(measure(args))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
 
 
