@@ -23,4 +23,10 @@ def servers(loop_thread: LoopThread) -> Iterator[Servers]:
     s.close()
 
 
+from tests.dbfixtures import (  # noqa: E402, F401
+    backend_fixture,
+    db_fixture,
+    empty_db_url_fixture,
+    pg_server_fixture,
+)
 from tests.infra.fixtures import isolated_stub  # noqa: E402, F401

@@ -25,9 +25,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def serve(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "lmgate", "serve", *args],
+        cwd=cwd,
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -61,11 +64,11 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
                 p.kill()
 
 
-def test_embedded_defaults_first_call(processes: list) -> None:
+def test_embedded_defaults_first_call(processes: list, tmp_path: Path) -> None:
     """No file, no account: the demo model answers the stock SDK, streaming too."""
     port = free_port()
     env = {"OPENAI_API_KEY": "", "MISTRAL_API_KEY": ""}
-    proc = serve("--port", str(port), env=env)
+    proc = serve("--port", str(port), env=env, cwd=tmp_path)
     processes.append(proc)
     start = time.monotonic()
     wait_ready(port, proc)
@@ -88,12 +91,14 @@ def test_embedded_defaults_first_call(processes: list) -> None:
         ["pgrep", "-f", f"lmgate.testing.stub.*{port}"], capture_output=True, text=True
     )
     assert demo_pids.stdout.strip() == "", out  # the demo worker went with the gateway
+    assert (tmp_path / "lmgate.db").exists()  # the ledger of the first run
 
 
 def test_workers_share_the_port(servers: Servers, tmp_path: Path, processes: list) -> None:
     stub = servers.stub()
     config = tmp_path / "lmgate.yaml"
-    config.write_text(yaml.safe_dump(one_model(stub.url)))
+    no_db = {"auth": {"enabled": False}, "accounting": {"enabled": False}}
+    config.write_text(yaml.safe_dump({**one_model(stub.url), **no_db}))
     port = free_port()
     proc = serve("--config", str(config), "--port", str(port), "--workers", "2")
     processes.append(proc)

@@ -14,6 +14,8 @@ from lmgate.api import models as model_list
 from lmgate.api.errors import GatewayError
 from lmgate.api.http import ClientGone, Receive, Request, Scope, Send
 from lmgate.api.relay import Call, Payload, forward
+from lmgate.api.services import Services, open_services
+from lmgate.auth.keys import Principal
 from lmgate.config.schema import GatewayConfig
 from lmgate.routing.deployment import Deployment
 from lmgate.routing.router import Router
@@ -24,6 +26,7 @@ log = logging.getLogger("lmgate")
 Handler = Callable[[Request], Awaitable[None]]
 _MAX_TIMEOUT = 24 * 3600.0
 _JSON_TYPES = (b"application/json", b"text/json")
+_PATH_KEY = "/lmg-"
 
 
 class Gateway:
@@ -35,6 +38,7 @@ class Gateway:
         self.router = Router(config, self.providers)
         self.limit = config.server.max_body_bytes
         self.ready = False
+        self.services = Services()
         self._direct = {name: [Deployment(p, None)] for name, p in self.providers.items()}
         self._tasks: set[asyncio.Task[None]] = set()
         self._routes: dict[str, tuple[str, Handler]] = {
@@ -63,6 +67,8 @@ class Gateway:
 
     async def _dispatch(self, req: Request) -> None:
         path = req.path
+        if path.startswith(_PATH_KEY):
+            path = self._key_from_path(req)
         route = self._routes.get(path)
         if route is not None:
             method, handler = route
@@ -78,6 +84,8 @@ class Gateway:
             await self._model(req, path[len("/v1/models/") :])
         elif path.startswith("/v1/"):
             await self._passthrough(req, None, path[3:])
+        elif path == "/admin" or path.startswith("/admin/"):
+            await self._admin(req)
         else:
             head, _, rest = path[1:].partition("/")
             provider = self.providers.get(head)
@@ -94,8 +102,26 @@ class Gateway:
     async def _embeddings(self, req: Request) -> None:
         await self._model_call(req, "/embeddings", False)
 
+    def _key_from_path(self, req: Request) -> str:
+        """`/{key}/v1/...`, for clients whose base URL carries the key: take it out of the path."""
+        key, _, rest = req.path[1:].partition("/")
+        req.api_key = key.encode()
+        req.path = "/" + rest
+        req.scope["path"] = req.path  # so that nothing downstream (logs) ever sees the key
+        return req.path
+
+    async def _authenticate(self, req: Request) -> Principal | None:
+        """The caller, when keys are required."""
+        if not self.config.auth.enabled:
+            return None
+        keys = self.services.keys
+        if keys is None:
+            raise GatewayError(503, "The gateway is starting.", code="not_ready")
+        return await keys.authenticate(req.api_key)
+
     async def _model_call(self, req: Request, suffix: str, streams: bool) -> None:
-        """A request that names its model: parse once, route, forward."""
+        """A request that names its model: authenticate, parse once, route, meter, forward."""
+        principal = await self._authenticate(req)
         raw = await req.body(self.limit)
         data = _json_object(raw)
         model = data.get("model")
@@ -109,8 +135,8 @@ class Gateway:
         payload = Payload(raw, data, model)
         timeout = _timeout(req, payload)
         route = self.router.resolve(model)
-        if route is None:
-            raise _model_not_found(model)
+        if route is None or (principal is not None and not principal.may_use(model)):
+            raise _model_not_found(model) if route is None else _model_forbidden(model)
         call = Call(
             "POST",
             _with_query(req, suffix),
@@ -118,10 +144,42 @@ class Gateway:
             expects_done=streams and data.get("stream") is True,
             content_type=b"application/json",
         )
-        await forward(req, call, payload, route.deployments, self.config.routing)
+        await self._metered(req, call, payload, route.deployments, principal, model)
+
+    async def _metered(
+        self,
+        req: Request,
+        call: Call,
+        payload: Payload,
+        deployments: list[Deployment],
+        principal: Principal | None,
+        model: str,
+    ) -> None:
+        """Forward, with a meter watching the answer when accounting is on."""
+        acc = self.services.accounting
+        if acc is None:
+            await forward(req, call, payload, deployments, self.config.routing)
+            return
+        meter = acc.meter(req.request_id, principal, model, payload, deployments[0].upstream_model)
+        call.observer = meter
+        error: GatewayError | None = None
+        try:
+            await forward(req, call, payload, deployments, self.config.routing)
+        except GatewayError as e:
+            error = e
+            raise
+        except ClientGone:
+            error = GatewayError(499, "The client closed the connection.", code="client_gone")
+            raise
+        except Exception:
+            error = GatewayError(500, "Internal gateway error.", code="internal_error")
+            raise
+        finally:
+            meter.finish(error)
 
     async def _passthrough(self, req: Request, provider: str | None, suffix: str) -> None:
         """Any other OpenAI path: routed by the body's model, or to a named/default provider."""
+        principal = await self._authenticate(req)
         raw = await req.body(self.limit) if req.method not in ("GET", "HEAD") else b""
         payload = Payload(raw or None)
         if raw and req.content_type and req.content_type.split(b";")[0].strip() in _JSON_TYPES:
@@ -129,6 +187,9 @@ class Gateway:
             model = payload.data.get("model")
             payload.model = model if isinstance(model, str) else None
         timeout = _timeout(req, payload)
+        model = payload.model or f"{provider or '-'}:{suffix.split('?')[0]}"
+        if principal is not None and not principal.may_use(model):
+            raise _model_forbidden(model)
         deployments = self._passthrough_target(provider, payload)
         call = Call(
             req.method,
@@ -139,7 +200,7 @@ class Gateway:
             and payload.data.get("stream") is True,
             content_type=req.content_type,
         )
-        await forward(req, call, payload, deployments, self.config.routing)
+        await self._metered(req, call, payload, deployments, principal, model)
 
     def _passthrough_target(self, provider: str | None, payload: Payload) -> list[Deployment]:
         if provider is not None:
@@ -156,7 +217,9 @@ class Gateway:
         return self._direct[name]
 
     async def _models(self, req: Request) -> None:
-        await req.respond(200, orjson.dumps(model_list.listing(self.router)))
+        principal = await self._authenticate(req)
+        allowed = principal.may_use if principal is not None else None
+        await req.respond(200, orjson.dumps(model_list.listing(self.router, allowed)))
 
     async def _model(self, req: Request, model_id: str) -> None:
         if req.method != "GET":
@@ -166,10 +229,22 @@ class Gateway:
                 code="method_not_allowed",
                 headers={"Allow": "GET"},
             )
+        principal = await self._authenticate(req)
         route = self.router.resolve(model_id)
-        if route is None:
+        if route is None or (principal is not None and not principal.may_use(model_id)):
             raise _model_not_found(model_id)
         await req.respond(200, orjson.dumps(model_list.model_object(model_id, route)))
+
+    async def _admin(self, req: Request) -> None:
+        """`/admin/...`: the admin API, when a database is configured."""
+        if self.services.admin is None:
+            raise GatewayError(
+                404, "The admin API needs auth or accounting enabled.", code="unknown_url"
+            )
+        scope = dict(req.scope)
+        scope["root_path"] = scope.get("root_path", "") + "/admin"
+        scope["path"] = req.path[len("/admin") :] or "/"
+        await self.services.admin_app(scope, req.receive, req.send)
 
     async def _health(self, req: Request) -> None:
         await req.respond(200, b'{"status":"ok"}')
@@ -197,13 +272,15 @@ class Gateway:
                 task = asyncio.create_task(model_list.discover(p, self.router))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+        self.services = await open_services(self.config)
         self.ready = True
 
     async def shutdown(self) -> None:
-        """Stop background work and close every connection pool."""
+        """Stop background work, flush the ledger and close every connection pool."""
         self.ready = False
         for t in list(self._tasks):
             t.cancel()
+        await self.services.close()
         await asyncio.gather(*(p.close() for p in self.providers.values()))
 
 
@@ -248,6 +325,15 @@ def _timeout(req: Request, payload: Payload) -> float | None:
 def _with_query(req: Request, suffix: str) -> str:
     qs: bytes = req.scope.get("query_string", b"")
     return f"{suffix}?{qs.decode('latin-1')}" if qs else suffix
+
+
+def _model_forbidden(model: str) -> GatewayError:
+    return GatewayError(
+        403,
+        f"Your API key is not allowed to use the model {model!r}.",
+        param="model",
+        code="model_not_allowed",
+    )
 
 
 def _model_not_found(model: str) -> GatewayError:

@@ -26,6 +26,7 @@ class Request:
     """One HTTP request: the headers the gateway reads, parsed once, and its body."""
 
     __slots__ = (
+        "api_key",
         "content_length",
         "content_type",
         "method",
@@ -43,9 +44,14 @@ class Request:
         self.send = send
         self.method: str = scope["method"]
         self.path: str = scope["path"]
-        request_id = content_length = content_type = timeout = None
+        request_id = content_length = content_type = timeout = api_key = None
         for name, value in scope["headers"]:
-            if name == b"content-length":
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                api_key = token.strip() if scheme.lower() == b"bearer" else None
+            elif name == b"api-key":
+                api_key = value.strip()
+            elif name == b"content-length":
                 content_length = value
             elif name == b"content-type":
                 content_type = value
@@ -53,6 +59,8 @@ class Request:
                 request_id = value
             elif name == b"x-lmgate-timeout":
                 timeout = value
+        self.api_key: bytes | None = api_key
+        """The caller's key: `Authorization: Bearer`, `api-key`, or (set later) the path."""
         self.content_length = content_length
         self.content_type = content_type
         self.timeout_header = timeout

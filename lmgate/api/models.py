@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -22,9 +23,12 @@ def model_object(model_id: str, route: Route) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": _STARTED, "owned_by": route.owned_by}
 
 
-def listing(router: Router) -> dict[str, Any]:
-    """OpenAI's `ListModelsResponse` for every listed route."""
-    return {"object": "list", "data": [model_object(r.name, r) for r in router.listed()]}
+def listing(router: Router, allowed: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """OpenAI's `ListModelsResponse` for every listed route (that `allowed` admits)."""
+    routes = router.listed()
+    if allowed is not None:
+        routes = [r for r in routes if allowed(r.name)]
+    return {"object": "list", "data": [model_object(r.name, r) for r in routes]}
 
 
 async def discover(provider: Provider, router: Router, timeout: float = 10.0) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 
@@ -42,6 +43,29 @@ class Payload:
         return orjson.dumps({**self.data, "model": target})
 
 
+class Observer(Protocol):
+    """Sees what a request's upstream answered, without knowing how to reach it.
+
+    Accounting implements it; the relay calls it on the hot path, so each hook must be cheap.
+    """
+
+    def answered(self, dep: Deployment, status: int) -> None:
+        """A deployment answered with `status` (called again if a retry goes elsewhere)."""
+
+    def body(self, body: bytes) -> Headers | None:
+        """A complete non-streaming 2xx body; returns extra response headers."""
+
+    def chunk(self, chunk: bytes) -> bytes:
+        """A stream's chunk; returns the bytes to forward (usually `chunk` itself).
+
+        Called once more with `b""` when the stream ends, to release anything held back.
+        """
+        return chunk
+
+    def failed(self, error: GatewayError) -> None:
+        """The stream broke after it started; the client got `error` as its last event."""
+
+
 @dataclass(slots=True)
 class Call:
     """What to send upstream, apart from the body."""
@@ -53,6 +77,7 @@ class Call:
     expects_done: bool = False
     """An OpenAI chat/completions stream: it must end with `data: [DONE]`."""
     content_type: bytes | None = None
+    observer: Observer | None = None
 
 
 async def forward(
@@ -90,6 +115,8 @@ async def forward(
         except TimeoutError:
             dep.inflight -= 1
             raise _timeout_error(dep) from None
+        if call.observer is not None:
+            call.observer.answered(dep, resp.status)
         try:
             if resp.status in RETRYABLE_STATUS:
                 dep.failed(rs.allowed_fails, rs.cooldown)
@@ -129,7 +156,8 @@ async def _relay(req: Request, call: Call, resp: UpstreamResponse, dep: Deployme
         raise _timeout_error(dep) from None
     except UpstreamError:
         raise _broken(dep) from None
-    await req.respond(resp.status, body, content_type)
+    extra = call.observer.body(body) if call.observer is not None else None
+    await req.respond(resp.status, body, content_type, extra)
 
 
 async def _relay_stream(req: Request, call: Call, resp: UpstreamResponse, dep: Deployment) -> None:
@@ -139,6 +167,7 @@ async def _relay_stream(req: Request, call: Call, resp: UpstreamResponse, dep: D
     error response, and the client gets headers and first token in one write.
     """
     send = req.send
+    observer = call.observer
     watcher = asyncio.ensure_future(_disconnected(req.receive))
     watcher.add_done_callback(lambda t: None if t.cancelled() else resp.close())
     started = False
@@ -146,11 +175,21 @@ async def _relay_stream(req: Request, call: Call, resp: UpstreamResponse, dep: D
     failure: GatewayError | None = None
     try:
         async for chunk in resp.chunks():
+            tail = (tail + chunk)[-32:]
+            if observer is not None:
+                chunk = observer.chunk(chunk)
+                if not chunk:
+                    continue
             if not started:
                 await _start_stream(req, resp.status)
                 started = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            tail = (tail + chunk)[-32:]
+        rest = observer.chunk(b"") if observer is not None else b""
+        if rest:
+            if not started:
+                await _start_stream(req, resp.status)
+                started = True
+            await send({"type": "http.response.body", "body": rest, "more_body": True})
         if call.expects_done and not tail.rstrip().endswith(b"[DONE]"):
             failure = _broken(dep)
     except UpstreamError as e:
@@ -163,6 +202,8 @@ async def _relay_stream(req: Request, call: Call, resp: UpstreamResponse, dep: D
         log.warning("stream from %s broke: %s", dep.label, failure.message)
         if not started:
             raise failure
+        if observer is not None:
+            observer.failed(failure)
         event = sse_error_event(failure)
         await send({"type": "http.response.body", "body": event, "more_body": True})
     if not started:

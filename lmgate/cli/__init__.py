@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from lmgate.cli import doctor, init, models, serve
+from lmgate.cli import admin, doctor, init, keys, models, serve
 
 app = typer.Typer(
     name="lmgate",
@@ -16,6 +16,12 @@ app.command("serve")(serve.serve)
 app.command("init")(init.init)
 app.command("doctor")(doctor.doctor)
 app.command("models")(models.models)
+app.add_typer(admin.db_app, name="db")
+app.add_typer(admin.users_app, name="users")
+app.add_typer(admin.teams_app, name="teams")
+app.add_typer(keys.keys_app, name="keys")
+app.add_typer(keys.budgets_app, name="budgets")
+app.command("usage")(keys.usage)
 
 
 @app.callback()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Mapping
+from pathlib import Path
 
 import yaml
 
@@ -44,6 +45,9 @@ def embedded_config(env: Mapping[str, str], demo_url: str | None, ollama: bool) 
         models.append({"name": DEMO_MODEL, "provider": "demo", "owned_by": "lmgate"})
     doc = {
         "server": {"host": "127.0.0.1", "port": 4000},
+        # A first run needs no key; its ledger lives in the current directory.
+        "auth": {"enabled": False},
+        "database": {"url": f"sqlite+aiosqlite:///{Path.cwd() / 'lmgate.db'}"},
         "providers": providers,
         "models": models,
     }

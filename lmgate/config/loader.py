@@ -28,7 +28,9 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Gatew
         text = p.read_text()
     except OSError as e:
         raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
-    return parse_config(text, source=str(p), env=os.environ if env is None else env)
+    config = parse_config(text, source=str(p), env=os.environ if env is None else env)
+    config._base_dir = p.resolve().parent
+    return config
 
 
 def parse_config(text: str, source: str = "<config>", env: Mapping[str, str] = {}) -> GatewayConfig:

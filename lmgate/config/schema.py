@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
 _PROXY_SCHEMES = ("socks5://", "socks5h://", "socks4://", "http://")
@@ -104,6 +113,55 @@ class RoutingSettings(_Strict):
     cooldown: float = Field(30.0, ge=0, description="seconds a failing deployment rests")
 
 
+class DatabaseSettings(_Strict):
+    """Where keys, budgets and the ledger live."""
+
+    url: str | None = Field(
+        None,
+        description="SQLAlchemy async URL (sqlite+aiosqlite:///..., postgresql+asyncpg://...); "
+        "default: lmgate.db beside the configuration file",
+    )
+    migrate_on_start: bool = True
+
+
+class AuthSettings(_Strict):
+    """Virtual keys."""
+
+    enabled: bool = Field(True, description="require a virtual key on every /v1 request")
+    admin_key: SecretStr | None = Field(
+        None, description="protects /admin/; LMGATE_ADMIN_KEY in the environment also works"
+    )
+    refresh_interval: float = Field(
+        0.5, gt=0, le=60, description="seconds between checks for new, changed or revoked keys"
+    )
+
+
+class PriceConfig(_Strict):
+    """US dollars per million tokens."""
+
+    input: float = Field(0.0, ge=0)
+    output: float = Field(0.0, ge=0)
+    cached_input: float | None = Field(None, ge=0)
+
+
+class AccountingSettings(_Strict):
+    """The usage ledger, prices and budgets."""
+
+    enabled: bool = Field(True, description="meter every request into the ledger")
+    prices: dict[str, PriceConfig] = Field(
+        default_factory=dict, description="per model name; overrides the shipped table"
+    )
+    default_max_tokens: int = Field(
+        4096, ge=1, description="completion tokens reserved against budgets when not given"
+    )
+    flush_interval: float = Field(1.0, gt=0, description="seconds between ledger writes")
+    batch_size: int = Field(500, ge=1, le=10000)
+    spool_path: str | None = Field(
+        None, description="file for records while the database is down; default beside the db"
+    )
+    body_log_retention_days: int = Field(30, ge=1)
+
+
 class GatewayConfig(_Strict):
     """The whole configuration file."""
 
@@ -111,6 +169,15 @@ class GatewayConfig(_Strict):
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     models: list[ModelConfig] = Field(default_factory=list)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    accounting: AccountingSettings = Field(default_factory=AccountingSettings)
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def base_dir(self) -> Path:
+        """The configuration file's folder: relative paths and the default database live here."""
+        return self._base_dir
 
     @field_validator("providers")
     @classmethod

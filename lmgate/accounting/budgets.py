@@ -1,0 +1,179 @@
+"""Budgets on the hot path: reserve a request's maximum cost before forwarding, settle after.
+
+Every budget that applies to a key (its own, its user's, its team's) is held in memory with
+its spend in the current period. A reservation is a synchronous check-and-add, so requests
+running concurrently in one process can never together exceed a budget by more than one
+request's reservation. Budgets and their spend are (re)loaded from the database at start and
+whenever a budget changes; shared totals across replicas come with Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from lmgate.api.errors import GatewayError
+from lmgate.auth.keys import Principal
+from lmgate.storage.budgets import next_reset, period_start, spent
+from lmgate.storage.models import ApiKey, Budget, Team, User
+
+log = logging.getLogger("lmgate.budgets")
+_OVERLAP = timedelta(seconds=5)
+
+
+@dataclass(slots=True, eq=False)
+class BudgetState:
+    """One budget and what has been spent and reserved against it this period."""
+
+    scope: str
+    scope_id: int
+    label: str
+    amount: float
+    period: str
+    resets_at: float | None
+    spent: float = 0.0
+    reserved: float = 0.0
+
+    def roll(self, now: float) -> None:
+        """Start a new period when the current one is over."""
+        if self.resets_at is not None and now >= self.resets_at:
+            self.spent = 0.0
+            self.resets_at = _reset_after(self.period, now)
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Money held against some budgets until the request's real cost is known."""
+
+    states: tuple[BudgetState, ...]
+    amount: float
+
+
+class BudgetBook:
+    """Every budget, in memory, following the database."""
+
+    def __init__(self, engine: AsyncEngine, refresh_interval: float = 2.0) -> None:
+        self.engine = engine
+        self.refresh_interval = refresh_interval
+        self._states: dict[tuple[str, int], BudgetState] = {}
+        self._watermark: datetime | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Load budgets and their spend, then follow changes."""
+        await self.refresh()
+        self._task = asyncio.create_task(self._poll())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def reserve(self, principal: Principal, amount: float) -> Reservation | None:
+        """Hold `amount` against the key's budgets; 429 `insufficient_quota` if one is out."""
+        states = self._applicable(principal)
+        if not states:
+            return None
+        now = time.time()
+        for st in states:
+            st.roll(now)
+            if st.spent >= st.amount or st.spent + st.reserved + amount > st.amount:
+                raise _exhausted(st)
+        for st in states:
+            st.reserved += amount
+        return Reservation(states, amount)
+
+    def settle(self, reservation: Reservation | None, cost: float) -> None:
+        """Replace the reservation by the request's actual cost."""
+        if reservation is None:
+            return
+        for st in reservation.states:
+            st.reserved = max(0.0, st.reserved - reservation.amount)
+            st.spent += cost
+
+    def _applicable(self, p: Principal) -> tuple[BudgetState, ...]:
+        found = []
+        for key in (("key", p.key_id), ("user", p.user_id), ("team", p.team_id)):
+            st = self._states.get(key) if key[1] is not None else None  # type: ignore[arg-type]
+            if st is not None:
+                found.append(st)
+        return tuple(found)
+
+    async def refresh(self) -> None:
+        """Load budgets changed since the last poll, with their spend this period."""
+        started = datetime.now(UTC)
+        query = select(Budget)
+        if self._watermark is not None:
+            query = query.where(Budget.updated_at > self._watermark)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).scalars().all()
+            seen = {(b.scope, b.scope_id) for b in rows}
+            if self._watermark is None or rows:
+                existing = set((await conn.execute(select(Budget.scope, Budget.scope_id))).all())
+                for gone in set(self._states) - {tuple(e) for e in existing}:
+                    del self._states[gone]
+        for b in rows:
+            await self._load(b, seen)
+        self._watermark = started - _OVERLAP
+
+    async def _load(self, b: Budget, seen: set[tuple[str, int]]) -> None:
+        now = datetime.now(UTC)
+        since = period_start(b.period, now)
+        key = (b.scope, b.scope_id)
+        old = self._states.get(key)
+        state = BudgetState(
+            scope=b.scope,
+            scope_id=b.scope_id,
+            label=await self._label(b.scope, b.scope_id),
+            amount=b.amount,
+            period=b.period,
+            resets_at=_reset_after(b.period, now.timestamp()),
+            spent=await spent(self.engine, b.scope, b.scope_id, since),
+            reserved=old.reserved if old is not None else 0.0,
+        )
+        if old is not None and old.spent > state.spent and old.resets_at == state.resets_at:
+            state.spent = old.spent  # records not yet in the ledger count too
+        self._states[key] = state
+
+    async def _label(self, scope: str, scope_id: int) -> str:
+        table = {"key": ApiKey.prefix, "user": User.name, "team": Team.name}[scope]
+        owner = {"key": ApiKey.id, "user": User.id, "team": Team.id}[scope]
+        async with self.engine.connect() as conn:
+            name = (await conn.execute(select(table).where(owner == scope_id))).scalar()
+        return f"{scope} {name}" if name else scope
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_interval)
+            try:
+                await self.refresh()
+            except Exception as e:  # the database may be down: keep the budgets we have
+                log.warning("budget refresh failed: %s", type(e).__name__)
+
+
+def _reset_after(period: str, now: float) -> float | None:
+    reset = next_reset(period, datetime.fromtimestamp(now, UTC))
+    return None if reset is None else reset.timestamp()
+
+
+def _exhausted(st: BudgetState) -> GatewayError:
+    when = (
+        " It resets at " + datetime.fromtimestamp(st.resets_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        if st.resets_at is not None
+        else " It does not reset"
+    )
+    per = "in total" if st.period == "total" else f"per {st.period}"
+    return GatewayError(
+        429,
+        f"Budget exceeded: the {st.label} budget of ${st.amount:.2f} {per} is spent "
+        f"(${st.spent:.4f} used, ${st.reserved:.4f} reserved).{when}.",
+        code="insufficient_quota",
+        type="insufficient_quota",
+        headers={"x-should-retry": "false"},
+    )

@@ -1,0 +1,304 @@
+"""The usage ledger: one record per request, written off the hot path in batches.
+
+`Ledger.record` only appends to a deque. A background task writes batches (SQLAlchemy's
+multi-row "insertmanyvalues" INSERT, one transaction per batch, duplicates of `request_id`
+ignored, so that any replay is idempotent). While the database is unreachable, batches go to
+a spool file (JSON lines, fsync'd) and are replayed once it answers again; the file is
+truncated only after every line of it is committed. `close()` writes what is left, to the
+database or the spool. A `kill -9` loses only the records still in memory: at most
+`flush_interval` seconds of traffic (or `batch_size` records, whichever comes first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+from sqlalchemy import Table, delete, insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.dml import Insert
+
+from lmgate.storage.models import BodyLog, UsageRecord
+
+log = logging.getLogger("lmgate.ledger")
+
+Row = dict[str, Any]
+_OUTAGE = (DBAPIError, OSError, TimeoutError)
+_USAGE: Table = UsageRecord.__table__  # type: ignore[assignment]
+_BODIES: Table = BodyLog.__table__  # type: ignore[assignment]
+_LIMITS = {"request_id": 128, "model": 200, "deployment": 400, "error_type": 64}
+"""Column lengths: longer strings are cut, so that no record can be refused for its size."""
+
+
+class _HasEngine(Protocol):
+    @property
+    def engine(self) -> AsyncEngine: ...
+
+
+@dataclass(slots=True)
+class LedgerEntry:
+    """One request's line in the ledger; `bodies` = (request, response) when they are logged."""
+
+    request_id: str
+    created_at: datetime
+    user_id: int | None
+    team_id: int | None
+    key_id: int | None
+    model: str
+    deployment: str | None
+    status: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: float = 0.0
+    latency_ms: float = 0.0
+    ttft_ms: float | None = None
+    streamed: bool = False
+    estimated: bool = False
+    cache_hit: bool = False
+    error_type: str | None = None
+    bodies: tuple[str, str] | None = None
+
+
+_COLUMNS = tuple(f for f in LedgerEntry.__dataclass_fields__ if f != "bodies")
+
+
+def _row(e: LedgerEntry) -> Row:
+    row: Row = {f: getattr(e, f) for f in _COLUMNS}
+    for f, n in _LIMITS.items():
+        if isinstance(row[f], str) and len(row[f]) > n:
+            row[f] = row[f][:n]
+    if e.bodies is not None:
+        row["bodies"] = e.bodies
+    return row
+
+
+def _upsert_ignore(dialect: str, table: Table, key: str) -> Insert:
+    """An INSERT that skips rows whose `key` already exists."""
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=[key])
+    if dialect == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=[key])
+    return insert(table).prefix_with("IGNORE", dialect="mysql")
+
+
+def _append_spool(path: Path, rows: list[Row]) -> None:
+    data = b"".join(orjson.dumps(r) + b"\n" for r in rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_spool(path: Path, offset: int, count: int) -> tuple[list[Row], int]:
+    """Up to `count` rows from `offset`; a torn last line (a crash mid-write) is skipped."""
+    rows: list[Row] = []
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return rows, offset
+    with f:
+        f.seek(offset)
+        while len(rows) < count:
+            line = f.readline()
+            if not line:
+                break
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                log.warning("skipping a damaged line of the ledger spool %s", path)
+                continue
+            row["created_at"] = datetime.fromisoformat(row["created_at"])
+            rows.append(row)
+        return rows, f.tell()
+
+
+def _truncate(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError), path.open("r+b") as f:
+        f.truncate(0)
+        os.fsync(f.fileno())
+
+
+class Ledger:
+    """Batches usage records into the database, spooling them to a file while it is down."""
+
+    def __init__(
+        self,
+        db: AsyncEngine | _HasEngine,
+        *,
+        spool_path: Path,
+        flush_interval: float = 1.0,
+        batch_size: int = 500,
+        write_timeout: float = 10.0,
+        retry_min: float = 0.5,
+        retry_max: float = 5.0,
+    ) -> None:
+        self.engine: AsyncEngine = db if isinstance(db, AsyncEngine) else db.engine
+        self.spool_path = spool_path
+        self.flush_interval = flush_interval
+        self.batch_size = batch_size
+        self.write_timeout = write_timeout
+        self.retry_min, self.retry_max = retry_min, retry_max
+        self.written = self.spooled = self.replayed = 0
+        dialect = self.engine.dialect.name
+        self._insert_usage = _upsert_ignore(dialect, _USAGE, "request_id")
+        self._insert_bodies = _upsert_ignore(dialect, _BODIES, "request_id")
+        self._queue: deque[LedgerEntry] = deque()
+        self._inflight: list[Row] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._down = False
+        self._backoff = retry_min
+        self._retry_at = 0.0
+        self._spool_dirty = False
+
+    @property
+    def pending(self) -> int:
+        """Records in memory, not yet in the database nor in the spool."""
+        return len(self._queue) + len(self._inflight)
+
+    @property
+    def down(self) -> bool:
+        """True while the database is unreachable (records go to the spool)."""
+        return self._down
+
+    def record(self, entry: LedgerEntry) -> None:
+        """Queue one record: O(1), never blocks."""
+        self._queue.append(entry)
+        if len(self._queue) >= self.batch_size and not self._wake.is_set():
+            self._wake.set()
+
+    async def start(self) -> None:
+        """Start the background writer; it first replays a spool left by an earlier process."""
+        self._spool_dirty = self.spool_path.exists() and self.spool_path.stat().st_size > 0
+        self._task = asyncio.create_task(self._run(), name="lmgate-ledger")
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Write every queued record, to the database or else to the spool, and stop."""
+        self._closing = True
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                await asyncio.wait_for(task, timeout)
+            except TimeoutError:
+                log.warning("ledger: the database is too slow at shutdown; spooling the rest")
+        else:
+            await self._flush()
+        rest = self._inflight + [_row(e) for e in self._queue]
+        self._inflight, self._queue = [], deque()
+        if rest:
+            _append_spool(self.spool_path, rest)
+            self.spooled += len(rest)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._flush()
+            except Exception:  # never let the writer die: the next tick tries again
+                log.exception("ledger: unexpected error while writing")
+            if self._closing and not self._queue:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.flush_interval)
+            self._wake.clear()
+
+    async def _flush(self) -> None:
+        retry_due = not self._closing and time.monotonic() >= self._retry_at
+        if self._spool_dirty and (not self._down or retry_due):
+            await self._replay()
+        while self._queue:
+            n = min(self.batch_size, len(self._queue))
+            self._inflight = [_row(self._queue.popleft()) for _ in range(n)]
+            if self._down:
+                await self._spool(self._inflight)
+            else:
+                try:
+                    await self._write(self._inflight)
+                    self.written += n
+                except _OUTAGE as e:
+                    self._failed(e)
+                    await self._spool(self._inflight)
+            self._inflight = []
+
+    async def _write(self, rows: list[Row]) -> None:
+        bodies = [
+            {
+                "request_id": r["request_id"],
+                "created_at": r["created_at"],
+                "user_id": r["user_id"],
+                "key_id": r["key_id"],
+                "request": r["bodies"][0],
+                "response": r["bodies"][1],
+            }
+            for r in rows
+            if r.get("bodies")
+        ]
+        usage = [{k: v for k, v in r.items() if k != "bodies"} for r in rows] if bodies else rows
+        async with asyncio.timeout(self.write_timeout), self.engine.begin() as conn:
+            await conn.execute(self._insert_usage, usage)
+            if bodies:
+                await conn.execute(self._insert_bodies, bodies)
+
+    async def _spool(self, rows: list[Row]) -> None:
+        await asyncio.to_thread(_append_spool, self.spool_path, rows)
+        self.spooled += len(rows)
+        self._spool_dirty = True
+
+    async def _replay(self) -> None:
+        """Write the whole spool to the database, then empty it."""
+        offset, done = 0, 0
+        try:
+            while True:
+                rows, offset = await asyncio.to_thread(
+                    _read_spool, self.spool_path, offset, self.batch_size
+                )
+                if not rows:
+                    break
+                await self._write(rows)
+                done += len(rows)
+        except _OUTAGE as e:
+            self._failed(e)
+            return
+        await asyncio.to_thread(_truncate, self.spool_path)
+        self.replayed += done
+        self._spool_dirty = False
+        if self._down:
+            log.warning("ledger: the database is back; %d spooled records replayed", done)
+        self._down, self._backoff = False, self.retry_min
+
+    def _failed(self, error: BaseException) -> None:
+        if not self._down:
+            log.warning(
+                "ledger: the database is unreachable (%s); spooling records to %s",
+                type(error).__name__,
+                self.spool_path,
+            )
+            self._down, self._backoff = True, self.retry_min
+        else:
+            self._backoff = min(self._backoff * 2, self.retry_max)
+        self._retry_at = time.monotonic() + self._backoff
+
+
+async def purge_bodies(engine: AsyncEngine, older_than: timedelta) -> int:
+    """Delete logged bodies older than the retention period; returns how many were removed."""
+    cutoff = datetime.now(UTC) - older_than
+    async with engine.begin() as conn:
+        result = await conn.execute(delete(_BODIES).where(_BODIES.c.created_at < cutoff))
+        return result.rowcount or 0
