@@ -108,33 +108,31 @@ class BudgetBook:
     async def refresh(self) -> None:
         """Load budgets changed since the last poll, with their spend this period."""
         started = datetime.now(UTC)
-        query = select(Budget)
+        query = select(Budget.scope, Budget.scope_id, Budget.amount, Budget.period)
         if self._watermark is not None:
             query = query.where(Budget.updated_at > self._watermark)
         async with self.engine.connect() as conn:
-            rows = (await conn.execute(query)).scalars().all()
-            seen = {(b.scope, b.scope_id) for b in rows}
-            if self._watermark is None or rows:
-                existing = set((await conn.execute(select(Budget.scope, Budget.scope_id))).all())
-                for gone in set(self._states) - {tuple(e) for e in existing}:
-                    del self._states[gone]
+            rows = (await conn.execute(query)).all()
+            existing = (await conn.execute(select(Budget.scope, Budget.scope_id))).all()
+        for gone in set(self._states) - {(e.scope, e.scope_id) for e in existing}:
+            del self._states[gone]
         for b in rows:
-            await self._load(b, seen)
+            await self._load(b.scope, b.scope_id, b.amount, b.period)
         self._watermark = started - _OVERLAP
 
-    async def _load(self, b: Budget, seen: set[tuple[str, int]]) -> None:
+    async def _load(self, scope: str, scope_id: int, amount: float, period: str) -> None:
         now = datetime.now(UTC)
-        since = period_start(b.period, now)
-        key = (b.scope, b.scope_id)
+        since = period_start(period, now)
+        key = (scope, scope_id)
         old = self._states.get(key)
         state = BudgetState(
-            scope=b.scope,
-            scope_id=b.scope_id,
-            label=await self._label(b.scope, b.scope_id),
-            amount=b.amount,
-            period=b.period,
-            resets_at=_reset_after(b.period, now.timestamp()),
-            spent=await spent(self.engine, b.scope, b.scope_id, since),
+            scope=scope,
+            scope_id=scope_id,
+            label=await self._label(scope, scope_id),
+            amount=amount,
+            period=period,
+            resets_at=_reset_after(period, now.timestamp()),
+            spent=await spent(self.engine, scope, scope_id, since),
             reserved=old.reserved if old is not None else 0.0,
         )
         if old is not None and old.spent > state.spent and old.resets_at == state.resets_at:
@@ -171,8 +169,9 @@ def _exhausted(st: BudgetState) -> GatewayError:
     per = "in total" if st.period == "total" else f"per {st.period}"
     return GatewayError(
         429,
-        f"Budget exceeded: the {st.label} budget of ${st.amount:.2f} {per} is spent "
-        f"(${st.spent:.4f} used, ${st.reserved:.4f} reserved).{when}.",
+        f"Budget exceeded: the {st.label} budget of ${st.amount:.6g} {per} cannot cover this "
+        f"request (${st.spent:.6g} used, ${st.reserved:.6g} reserved by requests in flight)."
+        f"{when}.",
         code="insufficient_quota",
         type="insufficient_quota",
         headers={"x-should-retry": "false"},

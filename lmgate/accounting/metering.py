@@ -60,12 +60,16 @@ class Accounting:
             if strip:
                 _ask_for_usage(payload)
             stream = StreamUsage(strip=strip)
-        reservation = None
+        meter = Meter(self, request_id, principal, model, payload, stream)
         if principal is not None:
-            reservation = self.budgets.reserve(
-                principal, self._max_cost(model, upstream_model, payload, data)
-            )
-        return Meter(self, request_id, principal, model, payload, reservation, stream)
+            try:
+                meter.reservation = self.budgets.reserve(
+                    principal, self._max_cost(model, upstream_model, payload, data)
+                )
+            except GatewayError as refused:  # the refusal is a request too: it is recorded
+                meter.finish(refused)
+                raise
+        return meter
 
     def _max_cost(
         self, model: str, upstream_model: str | None, payload: Payload, data: dict[str, Any]
@@ -94,13 +98,13 @@ class Meter:
         "_payload",
         "_principal",
         "_request_id",
-        "_reservation",
         "_start",
         "_status",
         "_stream",
         "_ttft",
         "_usage",
         "cost",
+        "reservation",
     )
 
     def __init__(
@@ -110,7 +114,6 @@ class Meter:
         principal: Principal | None,
         model: str,
         payload: Payload,
-        reservation: Reservation | None,
         stream: StreamUsage | None,
     ) -> None:
         self._acc = acc
@@ -118,7 +121,7 @@ class Meter:
         self._principal = principal
         self._model = model
         self._payload = payload
-        self._reservation = reservation
+        self.reservation: Reservation | None = None
         self._stream = stream
         self._start = time.perf_counter()
         self._deployment: Deployment | None = None
@@ -166,7 +169,7 @@ class Meter:
                 self.cost, _ = self._acc.prices.cost(
                     self._model, self._upstream_model(), self._usage
                 )
-        self._acc.budgets.settle(self._reservation, self.cost)
+        self._acc.budgets.settle(self.reservation, self.cost)
         u = self._usage or Usage(0, 0)
         p = self._principal
         self._acc.ledger.record(
