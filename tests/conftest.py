@@ -30,3 +30,4 @@ from tests.dbfixtures import (  # noqa: E402, F401
     pg_server_fixture,
 )
 from tests.infra.fixtures import isolated_stub  # noqa: E402, F401
+from tests.redisfixtures import private_redis_fixture, redis_url_fixture  # noqa: E402, F401

@@ -15,9 +15,11 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from lmgate.accounting.shared_budgets import SharedTotals
 from lmgate.api.errors import GatewayError
 from lmgate.auth.keys import Principal
 from lmgate.storage.budgets import next_reset, period_start, spent
@@ -53,13 +55,23 @@ class Reservation:
 
     states: tuple[BudgetState, ...]
     amount: float
+    shared: bool = False
 
 
 class BudgetBook:
     """Every budget, in memory, following the database."""
 
-    def __init__(self, engine: AsyncEngine, refresh_interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        refresh_interval: float = 2.0,
+        shared: SharedTotals | None = None,
+        fail_closed: bool = False,
+    ) -> None:
         self.engine = engine
+        self.shared = shared
+        self.fail_closed = fail_closed
+        self._warned_at = 0.0
         self.refresh_interval = refresh_interval
         self._states: dict[tuple[str, int], BudgetState] = {}
         self._watermark: datetime | None = None
@@ -74,27 +86,68 @@ class BudgetBook:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        if self.shared is not None:
+            await self.shared.close()
 
-    def reserve(self, principal: Principal, amount: float) -> Reservation | None:
-        """Hold `amount` against the key's budgets; 429 `insufficient_quota` if one is out."""
+    async def reserve(self, principal: Principal, amount: float) -> Reservation | None:
+        """Hold `amount` against the key's budgets; 429 `insufficient_quota` if one is out.
+
+        With Redis the totals are every replica's; without, this process's.
+        """
         states = self._applicable(principal)
         if not states:
             return None
         now = time.time()
         for st in states:
             st.roll(now)
+        if self.shared is not None:
+            reservation = await self._reserve_shared(states, amount, now)
+            if reservation is not None:
+                return reservation
+        for st in states:
             if st.spent >= st.amount or st.spent + st.reserved + amount > st.amount:
                 raise _exhausted(st)
         for st in states:
             st.reserved += amount
         return Reservation(states, amount)
 
+    async def _reserve_shared(
+        self, states: tuple[BudgetState, ...], amount: float, now: float
+    ) -> Reservation | None:
+        """Reserve in Redis; None when Redis is down and the policy is to fail open."""
+        assert self.shared is not None
+        try:
+            short, spent_, reserved = await self.shared.reserve(states, amount)
+        except (RedisError, OSError) as e:
+            if self.fail_closed:
+                raise GatewayError(
+                    503,
+                    "Budgets cannot be checked right now; try again shortly.",
+                    code="budgets_unavailable",
+                    headers={"Retry-After": "1"},
+                ) from None
+            if now - self._warned_at > 10:
+                self._warned_at = now
+                log.warning("Redis unavailable (%s): budgets are per process", type(e).__name__)
+            return None
+        if short:
+            st = states[short - 1]
+            st.spent, st.reserved = spent_, reserved
+            raise _exhausted(st)
+        return Reservation(states, amount, shared=True)
+
     def settle(self, reservation: Reservation | None, cost: float) -> None:
         """Replace the reservation by the request's actual cost."""
         if reservation is None:
             return
+        if reservation.shared and self.shared is not None:
+            task = asyncio.ensure_future(
+                self.shared.settle(reservation.states, reservation.amount, cost)
+            )
+            task.add_done_callback(_log_failure)
         for st in reservation.states:
-            st.reserved = max(0.0, st.reserved - reservation.amount)
+            if not reservation.shared:
+                st.reserved = max(0.0, st.reserved - reservation.amount)
             st.spent += cost
 
     def _applicable(self, p: Principal) -> tuple[BudgetState, ...]:
@@ -138,6 +191,11 @@ class BudgetBook:
         if old is not None and old.spent > state.spent and old.resets_at == state.resets_at:
             state.spent = old.spent  # records not yet in the ledger count too
         self._states[key] = state
+        if self.shared is not None:
+            try:
+                await self.shared.seed(state)
+            except (RedisError, OSError) as e:
+                log.warning("could not seed budget totals in Redis: %s", type(e).__name__)
 
     async def _label(self, scope: str, scope_id: int) -> str:
         table = {"key": ApiKey.prefix, "user": User.name, "team": Team.name}[scope]
@@ -153,6 +211,11 @@ class BudgetBook:
                 await self.refresh()
             except Exception as e:  # the database may be down: keep the budgets we have
                 log.warning("budget refresh failed: %s", type(e).__name__)
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("could not settle a budget in Redis: %s", type(task.exception()).__name__)
 
 
 def _reset_after(period: str, now: float) -> float | None:

@@ -44,7 +44,7 @@ class Accounting:
         self.ledger = ledger
         self.default_max_tokens = default_max_tokens
 
-    def meter(
+    async def meter(
         self,
         request_id: bytes,
         principal: Principal | None,
@@ -63,7 +63,7 @@ class Accounting:
         meter = Meter(self, request_id, principal, model, payload, stream)
         if principal is not None:
             try:
-                meter.reservation = self.budgets.reserve(
+                meter.reservation = await self.budgets.reserve(
                     principal, self._max_cost(model, upstream_model, payload, data)
                 )
             except GatewayError as refused:  # the refusal is a request too: it is recorded
@@ -105,6 +105,7 @@ class Meter:
         "_usage",
         "cost",
         "reservation",
+        "tokens",
     )
 
     def __init__(
@@ -134,6 +135,8 @@ class Meter:
             [] if principal is not None and principal.log_bodies else None
         )
         self.cost = 0.0
+        self.tokens = 0
+        """Prompt + completion tokens, once the request has finished."""
 
     def answered(self, dep: Deployment, status: int) -> None:
         self._deployment = dep
@@ -171,6 +174,7 @@ class Meter:
                 )
         self._acc.budgets.settle(self.reservation, self.cost)
         u = self._usage or Usage(0, 0)
+        self.tokens = u.prompt + u.completion
         p = self._principal
         self._acc.ledger.record(
             LedgerEntry(

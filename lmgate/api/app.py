@@ -17,6 +17,8 @@ from lmgate.api.relay import Call, Payload, forward
 from lmgate.api.services import Services, open_services
 from lmgate.auth.keys import Principal
 from lmgate.config.schema import GatewayConfig
+from lmgate.limits.limiter import NO_LIMITS
+from lmgate.limits.tokens import estimate_request_tokens
 from lmgate.routing.deployment import Deployment
 from lmgate.routing.router import Router
 from lmgate.upstream.provider import Provider
@@ -155,12 +157,25 @@ class Gateway:
         principal: Principal | None,
         model: str,
     ) -> None:
-        """Forward, with a meter watching the answer when accounting is on."""
+        """Admit against rate limits, then forward with a meter watching the answer."""
+        admission = NO_LIMITS
+        limiter = self.services.limiter
+        if limiter is not None:
+            estimate = estimate_request_tokens(payload)
+            admission = await limiter.admit(
+                principal, model, estimate, req.request_id.decode("ascii", "replace")
+            )
+            call.headers = admission.headers or None
         acc = self.services.accounting
         if acc is None:
-            await forward(req, call, payload, deployments, self.config.routing)
+            try:
+                await forward(req, call, payload, deployments, self.config.routing)
+            finally:
+                admission.finish(estimate_request_tokens(payload))
             return
-        meter = acc.meter(req.request_id, principal, model, payload, deployments[0].upstream_model)
+        meter = await acc.meter(
+            req.request_id, principal, model, payload, deployments[0].upstream_model
+        )
         call.observer = meter
         error: GatewayError | None = None
         try:
@@ -176,6 +191,7 @@ class Gateway:
             raise
         finally:
             meter.finish(error)
+            admission.finish(meter.tokens)
 
     async def _passthrough(self, req: Request, provider: str | None, suffix: str) -> None:
         """Any other OpenAI path: routed by the body's model, or to a named/default provider."""

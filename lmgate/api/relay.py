@@ -78,6 +78,8 @@ class Call:
     """An OpenAI chat/completions stream: it must end with `data: [DONE]`."""
     content_type: bytes | None = None
     observer: Observer | None = None
+    headers: Headers | None = None
+    """Extra response headers (rate limits, cache status)."""
 
 
 async def forward(
@@ -90,6 +92,15 @@ async def forward(
     may still be working on the request.
     """
     order = attempt_order(deployments, rs.retries + 1)
+    if not order:
+        raise GatewayError(
+            429,
+            "Every deployment of this model is at its limit of requests in flight; "
+            "try again shortly.",
+            code="deployment_busy",
+            type="requests",
+            headers={"Retry-After": "1"},
+        )
     if len(order) == 1 and rs.retries:
         order = [order[0], order[0]]
     last: GatewayError | None = None
@@ -157,6 +168,8 @@ async def _relay(req: Request, call: Call, resp: UpstreamResponse, dep: Deployme
     except UpstreamError:
         raise _broken(dep) from None
     extra = call.observer.body(body) if call.observer is not None else None
+    if call.headers:
+        extra = [*call.headers, *(extra or ())]
     await req.respond(resp.status, body, content_type, extra)
 
 
@@ -181,13 +194,13 @@ async def _relay_stream(req: Request, call: Call, resp: UpstreamResponse, dep: D
                 if not chunk:
                     continue
             if not started:
-                await _start_stream(req, resp.status)
+                await _start_stream(req, resp.status, call.headers)
                 started = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         rest = observer.chunk(b"") if observer is not None else b""
         if rest:
             if not started:
-                await _start_stream(req, resp.status)
+                await _start_stream(req, resp.status, call.headers)
                 started = True
             await send({"type": "http.response.body", "body": rest, "more_body": True})
         if call.expects_done and not tail.rstrip().endswith(b"[DONE]"):
@@ -207,17 +220,19 @@ async def _relay_stream(req: Request, call: Call, resp: UpstreamResponse, dep: D
         event = sse_error_event(failure)
         await send({"type": "http.response.body", "body": event, "more_body": True})
     if not started:
-        await _start_stream(req, resp.status)
+        await _start_stream(req, resp.status, call.headers)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _start_stream(req: Request, status: int) -> None:
+async def _start_stream(req: Request, status: int, extra: Headers | None) -> None:
     headers: Headers = [
         (b"content-type", b"text/event-stream; charset=utf-8"),
         (b"cache-control", b"no-cache"),
         (b"x-accel-buffering", b"no"),
         (b"x-request-id", req.request_id),
     ]
+    if extra:
+        headers.extend(extra)
     await req.send({"type": "http.response.start", "status": status, "headers": headers})
 
 

@@ -14,9 +14,12 @@ from lmgate.accounting.budgets import BudgetBook
 from lmgate.accounting.ledger import Ledger, purge_bodies
 from lmgate.accounting.metering import Accounting
 from lmgate.accounting.prices import PriceBook, load_overrides
+from lmgate.accounting.shared_budgets import SharedTotals
 from lmgate.api.http import Receive, Scope, Send
 from lmgate.auth.keys import KeyCache
 from lmgate.config.schema import GatewayConfig
+from lmgate.limits.limiter import Limiter
+from lmgate.limits.redis_backend import RedisWindows
 from lmgate.storage.db import Database, database_url
 
 log = logging.getLogger("lmgate")
@@ -30,6 +33,7 @@ class Services:
     db: Database | None = None
     keys: KeyCache | None = None
     accounting: Accounting | None = None
+    limiter: Limiter | None = None
     admin: object | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -47,6 +51,8 @@ class Services:
             await self.accounting.budgets.close()
         if self.keys is not None:
             await self.keys.close()
+        if self.limiter is not None and self.limiter.redis is not None:
+            await self.limiter.redis.close()
         if self.db is not None:
             await self.db.close()
 
@@ -54,6 +60,10 @@ class Services:
 async def open_services(config: GatewayConfig) -> Services:
     """Open the database (migrating it) and the parts that use it, as configured."""
     services = Services()
+    limits = config.limits
+    if config.auth.enabled or limits.model or limits.key or limits.user or limits.team:
+        redis = RedisWindows.from_url(limits.redis_url) if limits.redis_url else None
+        services.limiter = Limiter(limits, redis)
     if not (config.auth.enabled or config.accounting.enabled):
         return services
     db = Database(database_url(config))
@@ -75,7 +85,9 @@ async def open_services(config: GatewayConfig) -> Services:
 
 async def _open_accounting(config: GatewayConfig, db: Database, services: Services) -> Accounting:
     acc = config.accounting
-    budgets = BudgetBook(db.engine)
+    limits = config.limits
+    shared = SharedTotals.from_url(limits.redis_url) if limits.redis_url else None
+    budgets = BudgetBook(db.engine, shared=shared, fail_closed=limits.on_redis_failure == "closed")
     await budgets.start()
     prices = PriceBook(acc.prices, await load_overrides(db.engine))
     spool = Path(acc.spool_path) if acc.spool_path else config.base_dir / "lmgate-ledger.spool"

@@ -22,7 +22,7 @@ from sqlalchemy import or_, select
 from lmgate.api.errors import GatewayError
 from lmgate.storage.db import Database
 from lmgate.storage.keys import KEY_PREFIX, mark_used
-from lmgate.storage.models import ApiKey, User
+from lmgate.storage.models import ApiKey, Team, User
 
 log = logging.getLogger("lmgate.auth")
 
@@ -44,6 +44,7 @@ class Principal:
     user_id: int
     user_name: str
     team_id: int | None
+    team_name: str | None
     expires_at: float | None
     allowed_models: tuple[str, ...] | None
     log_bodies: bool
@@ -144,21 +145,26 @@ class KeyCache:
 
     async def _select(self, cond: Any) -> list[tuple[Principal, bool]]:
         """Keys matching `cond`, each with whether it may still be used."""
-        query = select(
-            ApiKey.id,
-            ApiKey.prefix,
-            ApiKey.secret_hash,
-            ApiKey.user_id,
-            User.name,
-            User.team_id,
-            ApiKey.expires_at,
-            ApiKey.allowed_models,
-            ApiKey.log_bodies,
-            User.log_bodies,
-            ApiKey.limits,
-            ApiKey.revoked_at,
-            User.disabled,
-        ).join(User, User.id == ApiKey.user_id)
+        query = (
+            select(
+                ApiKey.id,
+                ApiKey.prefix,
+                ApiKey.secret_hash,
+                ApiKey.user_id,
+                User.name,
+                User.team_id,
+                Team.name.label("team_name"),
+                ApiKey.expires_at,
+                ApiKey.allowed_models,
+                ApiKey.log_bodies.label("key_log_bodies"),
+                User.log_bodies.label("user_log_bodies"),
+                ApiKey.limits,
+                ApiKey.revoked_at,
+                User.disabled,
+            )
+            .join(User, User.id == ApiKey.user_id)
+            .outerjoin(Team, Team.id == User.team_id)
+        )
         if cond is not None:
             query = query.where(cond)
         async with self.engine.connect() as conn:
@@ -172,9 +178,10 @@ class KeyCache:
                 user_id=r.user_id,
                 user_name=r.name,
                 team_id=r.team_id,
+                team_name=r.team_name,
                 expires_at=_epoch(r.expires_at),
                 allowed_models=tuple(r.allowed_models) if r.allowed_models else None,
-                log_bodies=bool(r[8] or r[9]),
+                log_bodies=bool(r.key_log_bodies or r.user_log_bodies),
                 limits=r.limits,
             )
             out.append((principal, r.revoked_at is None and not r.disabled))

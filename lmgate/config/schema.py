@@ -16,6 +16,8 @@ from pydantic import (
     model_validator,
 )
 
+from lmgate.limits.config import LimitsSettings
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
 _PROXY_SCHEMES = ("socks5://", "socks5h://", "socks4://", "http://")
 
@@ -78,6 +80,9 @@ class DeploymentConfig(_Strict):
     provider: str
     model: str | None = Field(None, description="the upstream's model name; default: the name")
     weight: float = Field(1.0, gt=0)
+    max_inflight: int | None = Field(
+        None, ge=1, description="requests at once on this deployment, from every caller"
+    )
 
 
 class ModelConfig(_Strict):
@@ -172,6 +177,7 @@ class GatewayConfig(_Strict):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     accounting: AccountingSettings = Field(default_factory=AccountingSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
     @property

@@ -17,6 +17,7 @@ class Deployment:
     upstream_model: str | None
     """The upstream's name for the model; None passes the client's name unchanged."""
     weight: float = 1.0
+    max_inflight: int | None = None
     inflight: int = 0
     fails: int = 0
     cooldown_until: float = 0.0
@@ -45,13 +46,15 @@ class Deployment:
 def attempt_order(deployments: list[Deployment], attempts: int) -> list[Deployment]:
     """Deployments to try, best first: healthy before cooling, then least in flight per weight.
 
-    Ties are broken at random so that equal deployments share the load.
+    Ties are broken at random so that equal deployments share the load. Deployments at their
+    `max_inflight` are left out: an empty list means every one is busy.
     """
     if len(deployments) == 1:
-        return deployments
+        d = deployments[0]
+        return [] if d.max_inflight is not None and d.inflight >= d.max_inflight else deployments
     now = time.monotonic()
     ranked = sorted(
-        deployments,
+        (d for d in deployments if d.max_inflight is None or d.inflight < d.max_inflight),
         key=lambda d: (d.cooling(now), (d.inflight + 1) / d.weight, random.random()),
     )
     return ranked[:attempts]

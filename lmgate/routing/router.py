@@ -32,7 +32,12 @@ class Router:
         self._dynamic: dict[str, Route] = {}
         for m in config.models:
             deployments = [
-                Deployment(providers[d.provider], d.model or _same_name(m.name), d.weight)
+                Deployment(
+                    providers[d.provider],
+                    d.model or _same_name(m.name),
+                    d.weight,
+                    max_inflight=d.max_inflight,
+                )
                 for d in m.deployments
             ]
             route = Route(m.name, deployments, m.owned_by or m.deployments[0].provider)
