@@ -178,6 +178,7 @@ async def create_key(db: DB, body: sc.KeyCreate) -> sc.KeyCreated:
         models=body.models,
         budget=(body.budget.amount, body.budget.period) if body.budget else None,
         log_bodies=body.log_bodies,
+        limits=body.limits.model_dump(exclude_none=True) if body.limits else None,
     )
     view = sc.KeyOut.model_validate(await keys.get_key(db, row.prefix))
     return sc.KeyCreated(**view.model_dump(), key=secret)

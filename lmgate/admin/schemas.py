@@ -7,6 +7,8 @@ from typing import Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lmgate.limits.config import LimitSpec
+
 Role = Literal["admin", "user"]
 Period = Literal["day", "week", "month", "total"]
 T = TypeVar("T")
@@ -88,6 +90,9 @@ class KeyCreate(_In):
     )
     budget: BudgetIn | None = None
     log_bodies: bool = False
+    limits: LimitSpec | None = Field(
+        None, description="the key's own rate limits", examples=[{"rpm": 60, "tpm": 100000}]
+    )
 
 
 class KeyOut(_Out):

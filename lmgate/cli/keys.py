@@ -32,9 +32,15 @@ def keys_create(
         str | None, typer.Option(help="Allowed models, comma-separated; `*` patterns work.")
     ] = None,
     log_bodies: Annotated[bool, typer.Option(help="Keep request and response bodies.")] = False,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute.", min=1)] = None,
+    tpm: Annotated[int | None, typer.Option(help="Tokens per minute.", min=1)] = None,
+    max_parallel: Annotated[
+        int | None, typer.Option(help="Requests in flight at once.", min=1)
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Create a key and print its secret, once."""
+    limits = {k: v for k, v in {"rpm": rpm, "tpm": tpm, "max_parallel": max_parallel}.items() if v}
     with cli_errors():
         expires_in = parse_duration(expires, "--expires") if expires else None
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
@@ -48,6 +54,7 @@ def keys_create(
             models=allowed,
             budget=(budget, period) if budget is not None else None,
             log_bodies=log_bodies,
+            limits=limits,
         ),
     )
     typer.echo(f"created key {key.prefix} for {user}")

@@ -81,6 +81,7 @@ async def create_key(
     models: list[str] | None = None,
     budget: tuple[float, str] | None = None,
     log_bodies: bool = False,
+    limits: dict[str, int] | None = None,
 ) -> tuple[ApiKey, str]:
     """A new key for `user` and its secret, which is returned here once and never stored."""
     if expires_in is not None and expires_in <= timedelta(0):
@@ -101,6 +102,7 @@ async def create_key(
             expires_at=now + expires_in if expires_in else None,
             allowed_models=models or None,
             log_bodies=log_bodies,
+            limits=limits or None,
             updated_at=now,
         )
         s.add(key)
