@@ -77,11 +77,19 @@ _COLUMNS = tuple(f for f in LedgerEntry.__dataclass_fields__ if f != "bodies")
 
 def _row(e: LedgerEntry) -> Row:
     row: Row = {f: getattr(e, f) for f in _COLUMNS}
-    for f, n in _LIMITS.items():
-        if isinstance(row[f], str) and len(row[f]) > n:
-            row[f] = row[f][:n]
     if e.bodies is not None:
         row["bodies"] = e.bodies
+    return _storable(row)
+
+
+def _storable(row: Row) -> Row:
+    """Cut long strings and replace NUL characters, which PostgreSQL text cannot hold: the
+    database would refuse the record, and with it every batch and replay, for ever."""
+    for f, n in _LIMITS.items():
+        if isinstance(row[f], str):
+            row[f] = row[f].replace("\x00", "\ufffd")[:n]
+    if row.get("bodies"):
+        row["bodies"] = tuple(b.replace("\x00", "\ufffd") for b in row["bodies"])
     return row
 
 
@@ -124,7 +132,7 @@ def _read_spool(path: Path, offset: int, count: int) -> tuple[list[Row], int]:
                 log.warning("skipping a damaged line of the ledger spool %s", path)
                 continue
             row["created_at"] = datetime.fromisoformat(row["created_at"])
-            rows.append(row)
+            rows.append(_storable(row))
         return rows, f.tell()
 
 

@@ -7,9 +7,10 @@ after the answer has been sent.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from lmgate.accounting.budgets import BudgetBook, Reservation
 from lmgate.accounting.ledger import Ledger, LedgerEntry
@@ -31,18 +32,97 @@ from lmgate.auth.keys import Principal
 from lmgate.routing.deployment import Deployment
 
 _MAX_LOGGED_BODY = 1 << 20
+_PENDING: set[asyncio.Future[None]] = set()
+"""Requests whose usage is being counted in a thread (kept referenced until done)."""
+
+
+async def drain(timeout: float = 10.0) -> None:
+    """Wait for requests still being counted, so that shutdown records them too."""
+    if _PENDING:
+        await asyncio.wait(list(_PENDING), timeout=timeout)
+
+
+def warm_tokenizer() -> None:
+    """Load the tokenizer's vocabularies (about a second), so that estimates are quick."""
+    count_tokens("warm up", "gpt-4o")
+    count_tokens("warm up", "gpt-4")
+
+
+class Sink(Protocol):
+    """Where finished requests go: the ledger, metrics, the request log."""
+
+    def record(
+        self, entry: LedgerEntry, principal: Principal | None, upstream_ms: float | None
+    ) -> None: ...
+
+
+class LedgerSink:
+    """The usage ledger as a sink."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def record(
+        self, entry: LedgerEntry, principal: Principal | None, upstream_ms: float | None
+    ) -> None:
+        self.ledger.record(entry)
 
 
 class Accounting:
-    """Prices, budgets and the ledger of one gateway process."""
+    """Prices, budgets, and the sinks every finished request is recorded in."""
 
     def __init__(
-        self, prices: PriceBook, budgets: BudgetBook, ledger: Ledger, default_max_tokens: int
+        self,
+        prices: PriceBook,
+        budgets: BudgetBook | None,
+        sinks: list[Sink],
+        default_max_tokens: int,
     ) -> None:
         self.prices = prices
         self.budgets = budgets
-        self.ledger = ledger
+        self.sinks = sinks
         self.default_max_tokens = default_max_tokens
+
+    def emit(
+        self, entry: LedgerEntry, principal: Principal | None, upstream_ms: float | None
+    ) -> None:
+        """Hand a finished request to every sink."""
+        for sink in self.sinks:
+            sink.record(entry, principal, upstream_ms)
+
+    def record_hit(
+        self,
+        request_id: bytes,
+        principal: Principal | None,
+        model: str,
+        body: bytes,
+        bill: bool,
+    ) -> tuple[float, int]:
+        """Record an answer served from the cache: (its cost, its tokens)."""
+        usage = usage_from_body(body) or Usage(0, 0)
+        cost = self.prices.cost(model, None, usage)[0] if bill else 0.0
+        p = principal
+        self.emit(
+            LedgerEntry(
+                request_id=request_id.decode("ascii", "replace"),
+                created_at=datetime.now(UTC),
+                user_id=p.user_id if p else None,
+                team_id=p.team_id if p else None,
+                key_id=p.key_id if p else None,
+                model=model,
+                deployment=None,
+                status=200,
+                prompt_tokens=usage.prompt,
+                completion_tokens=usage.completion,
+                cached_tokens=usage.cached,
+                reasoning_tokens=usage.reasoning,
+                cost=cost,
+                cache_hit=True,
+            ),
+            principal,
+            None,
+        )
+        return cost, usage.prompt + usage.completion
 
     async def meter(
         self,
@@ -61,7 +141,7 @@ class Accounting:
                 _ask_for_usage(payload)
             stream = StreamUsage(strip=strip)
         meter = Meter(self, request_id, principal, model, payload, stream)
-        if principal is not None:
+        if principal is not None and self.budgets is not None:
             try:
                 meter.reservation = await self.budgets.reserve(
                     principal, self._max_cost(model, upstream_model, payload, data)
@@ -102,6 +182,7 @@ class Meter:
         "_status",
         "_stream",
         "_ttft",
+        "_upstream_start",
         "_usage",
         "cost",
         "reservation",
@@ -127,6 +208,7 @@ class Meter:
         self._start = time.perf_counter()
         self._deployment: Deployment | None = None
         self._status = 0
+        self._upstream_start: float | None = None
         self._error: GatewayError | None = None
         self._usage: Usage | None = None
         self._ttft: float | None = None
@@ -137,6 +219,10 @@ class Meter:
         self.cost = 0.0
         self.tokens = 0
         """Prompt + completion tokens, once the request has finished."""
+
+    def attempt(self, dep: Deployment) -> None:
+        self._deployment = dep
+        self._upstream_start = time.perf_counter()
 
     def answered(self, dep: Deployment, status: int) -> None:
         self._deployment = dep
@@ -162,21 +248,37 @@ class Meter:
         return self._stream.feed(chunk) if chunk else self._stream.flush()
 
     def finish(self, error: GatewayError | None) -> None:
-        """Settle the budgets with the real cost and queue the ledger line."""
+        """Settle the budgets with the real cost and record the request.
+
+        A stream that carried no usage is counted with the tokenizer in a worker thread,
+        so that the event loop never waits for it.
+        """
         end = time.perf_counter()
         error = error or self._error
         status = error.status if error is not None and not self._ttft else self._status
         if self._stream is not None and self._body is None:
-            self._usage = self._stream.usage or (self._estimate() if status < 400 else None)
-            if self._usage is not None:
-                self.cost, _ = self._acc.prices.cost(
-                    self._model, self._upstream_model(), self._usage
-                )
-        self._acc.budgets.settle(self.reservation, self.cost)
+            self._usage = self._stream.usage
+            if self._usage is None and status < 400:
+                task = asyncio.ensure_future(self._finish_estimated(end, error, status))
+                _PENDING.add(task)
+                task.add_done_callback(_PENDING.discard)
+                return
+        self._complete(end, error, status)
+
+    async def _finish_estimated(self, end: float, error: GatewayError | None, status: int) -> None:
+        self._usage = await asyncio.to_thread(self._estimate)
+        self._complete(end, error, status)
+
+    def _complete(self, end: float, error: GatewayError | None, status: int) -> None:
+        if self._stream is not None and self._usage is not None and self._body is None:
+            self.cost, _ = self._acc.prices.cost(self._model, self._upstream_model(), self._usage)
+        if self._acc.budgets is not None:
+            self._acc.budgets.settle(self.reservation, self.cost)
         u = self._usage or Usage(0, 0)
         self.tokens = u.prompt + u.completion
         p = self._principal
-        self._acc.ledger.record(
+        upstream = self._upstream_start
+        self._acc.emit(
             LedgerEntry(
                 request_id=self._request_id.decode("ascii", "replace"),
                 created_at=datetime.now(UTC),
@@ -197,7 +299,9 @@ class Meter:
                 estimated=u.estimated,
                 error_type=(error.code or error.type) if error is not None else None,
                 bodies=self._bodies(),
-            )
+            ),
+            p,
+            (end - upstream) * 1000 if upstream is not None else None,
         )
 
     def _upstream_model(self) -> str | None:

@@ -13,9 +13,10 @@ import orjson
 from lmgate.api import models as model_list
 from lmgate.api.errors import GatewayError
 from lmgate.api.http import ClientGone, Receive, Request, Scope, Send
-from lmgate.api.relay import Call, Payload, forward
+from lmgate.api.relay import Call, Observer, Observers, Payload, forward
 from lmgate.api.services import Services, open_services
 from lmgate.auth.keys import Principal
+from lmgate.cache.service import HIT, MISS, CacheHit, open_cache
 from lmgate.config.schema import GatewayConfig
 from lmgate.limits.limiter import NO_LIMITS
 from lmgate.limits.tokens import estimate_request_tokens
@@ -41,6 +42,7 @@ class Gateway:
         self.limit = config.server.max_body_bytes
         self.ready = False
         self.services = Services()
+        self.cache = open_cache(config.cache)
         self._direct = {name: [Deployment(p, None)] for name, p in self.providers.items()}
         self._tasks: set[asyncio.Task[None]] = set()
         self._routes: dict[str, tuple[str, Handler]] = {
@@ -50,6 +52,7 @@ class Gateway:
             "/v1/models": ("GET", self._models),
             "/health": ("GET", self._health),
             "/ready": ("GET", self._ready),
+            "/metrics": ("GET", self._metrics),
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -146,7 +149,7 @@ class Gateway:
             expects_done=streams and data.get("stream") is True,
             content_type=b"application/json",
         )
-        await self._metered(req, call, payload, route.deployments, principal, model)
+        await self._metered(req, call, payload, route.deployments, principal, model, suffix)
 
     async def _metered(
         self,
@@ -156,27 +159,73 @@ class Gateway:
         deployments: list[Deployment],
         principal: Principal | None,
         model: str,
+        kind: str | None = None,
     ) -> None:
-        """Admit against rate limits, then forward with a meter watching the answer."""
+        """Admit against rate limits, answer from the cache, or forward with observers."""
         admission = NO_LIMITS
         limiter = self.services.limiter
+        metrics = self.services.metrics
         if limiter is not None:
             estimate = estimate_request_tokens(payload)
-            admission = await limiter.admit(
-                principal, model, estimate, req.request_id.decode("ascii", "replace")
-            )
+            try:
+                admission = await limiter.admit(
+                    principal, model, estimate, req.request_id.decode("ascii", "replace")
+                )
+            except GatewayError as refused:
+                if metrics is not None and refused.status == 429:
+                    metrics.rate_limited(model, refused.type)
+                raise
             call.headers = admission.headers or None
+        recorder = None
+        if metrics is not None:
+            metrics.inflight(1)
+        try:
+            if self.cache is not None and kind is not None and payload.data is not None:
+                plan = self.cache.plan(
+                    kind,
+                    payload.data,
+                    principal,
+                    req.header(b"cache-control"),
+                    req.header(b"x-lmgate-cache-ttl"),
+                )
+                if plan is not None:
+                    hit = await self.cache.lookup(plan)
+                    if metrics is not None:
+                        metrics.cache(hit is not None, model)
+                    if hit is not None:
+                        await self._cached(req, call, hit, principal, model)
+                        return
+                    recorder = self.cache.recorder(plan)
+                    call.headers = [*(call.headers or ()), MISS]
+            await self._observed(req, call, payload, deployments, principal, model, recorder)
+        finally:
+            if metrics is not None:
+                metrics.inflight(-1)
+            used = call.tokens
+            admission.finish(used if used is not None else estimate_request_tokens(payload))
+            if recorder is not None:
+                await recorder.commit()
+
+    async def _observed(
+        self,
+        req: Request,
+        call: Call,
+        payload: Payload,
+        deployments: list[Deployment],
+        principal: Principal | None,
+        model: str,
+        recorder: Observer | None,
+    ) -> None:
+        """Forward, with a meter (and the cache's recorder) watching the answer."""
         acc = self.services.accounting
         if acc is None:
-            try:
-                await forward(req, call, payload, deployments, self.config.routing)
-            finally:
-                admission.finish(estimate_request_tokens(payload))
+            call.observer = recorder
+            await forward(req, call, payload, deployments, self.config.routing)
             return
         meter = await acc.meter(
             req.request_id, principal, model, payload, deployments[0].upstream_model
         )
-        call.observer = meter
+        call.observer = meter if recorder is None else Observers(recorder, meter)
         error: GatewayError | None = None
         try:
             await forward(req, call, payload, deployments, self.config.routing)
@@ -191,7 +240,20 @@ class Gateway:
             raise
         finally:
             meter.finish(error)
-            admission.finish(meter.tokens)
+            call.tokens = meter.tokens
+
+    async def _cached(
+        self, req: Request, call: Call, hit: CacheHit, principal: Principal | None, model: str
+    ) -> None:
+        """Answer from the cache, and record the hit."""
+        extra = [*(call.headers or ()), HIT]
+        acc = self.services.accounting
+        if acc is not None:
+            cost, call.tokens = acc.record_hit(
+                req.request_id, principal, model, hit.body, self.config.cache.bill_hits
+            )
+            extra.append((b"x-lmgate-cost", f"{cost:.8f}".encode()))
+        await req.respond(200, hit.content, hit.content_type, extra)
 
     async def _passthrough(self, req: Request, provider: str | None, suffix: str) -> None:
         """Any other OpenAI path: routed by the body's model, or to a named/default provider."""
@@ -262,6 +324,13 @@ class Gateway:
         scope["path"] = req.path[len("/admin") :] or "/"
         await self.services.admin_app(scope, req.receive, req.send)
 
+    async def _metrics(self, req: Request) -> None:
+        metrics = self.services.metrics
+        if metrics is None:
+            raise GatewayError(404, "Metrics are turned off.", code="unknown_url")
+        body, content_type = metrics.render()
+        await req.respond(200, body, content_type.encode())
+
     async def _health(self, req: Request) -> None:
         await req.respond(200, b'{"status":"ok"}')
 
@@ -288,7 +357,7 @@ class Gateway:
                 task = asyncio.create_task(model_list.discover(p, self.router))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-        self.services = await open_services(self.config)
+        self.services = await open_services(self.config, self.router.all_deployments())
         self.ready = True
 
     async def shutdown(self) -> None:

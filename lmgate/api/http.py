@@ -70,6 +70,13 @@ class Request:
             else os.urandom(12).hex().encode()
         )
 
+    def header(self, name: bytes) -> bytes | None:
+        """A header the hot path does not read up front (names are lower-case)."""
+        for key, value in self.scope["headers"]:
+            if key == name:
+                return bytes(value)
+        return None
+
     async def body(self, limit: int) -> bytes:
         """The whole body; 413 past `limit` bytes, ClientGone if the client left."""
         if self.content_length is not None:

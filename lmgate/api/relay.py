@@ -49,6 +49,9 @@ class Observer(Protocol):
     Accounting implements it; the relay calls it on the hot path, so each hook must be cheap.
     """
 
+    def attempt(self, dep: Deployment) -> None:
+        """The request is about to be sent to `dep` (again, on a retry)."""
+
     def answered(self, dep: Deployment, status: int) -> None:
         """A deployment answered with `status` (called again if a retry goes elsewhere)."""
 
@@ -66,6 +69,34 @@ class Observer(Protocol):
         """The stream broke after it started; the client got `error` as its last event."""
 
 
+class Observers:
+    """Two observers as one: the first sees stream chunks before the second may strip them."""
+
+    __slots__ = ("first", "second")
+
+    def __init__(self, first: Observer, second: Observer) -> None:
+        self.first, self.second = first, second
+
+    def attempt(self, dep: Deployment) -> None:
+        self.first.attempt(dep)
+        self.second.attempt(dep)
+
+    def answered(self, dep: Deployment, status: int) -> None:
+        self.first.answered(dep, status)
+        self.second.answered(dep, status)
+
+    def body(self, body: bytes) -> Headers | None:
+        self.first.body(body)
+        return self.second.body(body)
+
+    def chunk(self, chunk: bytes) -> bytes:
+        return self.second.chunk(self.first.chunk(chunk))
+
+    def failed(self, error: GatewayError) -> None:
+        self.first.failed(error)
+        self.second.failed(error)
+
+
 @dataclass(slots=True)
 class Call:
     """What to send upstream, apart from the body."""
@@ -80,6 +111,8 @@ class Call:
     observer: Observer | None = None
     headers: Headers | None = None
     """Extra response headers (rate limits, cache status)."""
+    tokens: int | None = None
+    """Prompt + completion tokens, once known (for token rate limits)."""
 
 
 async def forward(
@@ -107,6 +140,8 @@ async def forward(
     for i, dep in enumerate(order):
         next_dep = order[i + 1] if i + 1 < len(order) else None
         dep.inflight += 1
+        if call.observer is not None:
+            call.observer.attempt(dep)
         try:
             resp = await _open(req, call, payload, dep)
         except (ConnectFailed, BodyBroken) as e:

@@ -1,4 +1,5 @@
-"""The stateful parts a gateway opens at start: database, key cache, accounting, admin API."""
+"""The stateful parts a gateway opens at start: database, keys, limits, accounting, metrics,
+health checks and the admin API."""
 
 from __future__ import annotations
 
@@ -11,15 +12,18 @@ from datetime import timedelta
 from pathlib import Path
 
 from lmgate.accounting.budgets import BudgetBook
-from lmgate.accounting.ledger import Ledger, purge_bodies
-from lmgate.accounting.metering import Accounting
+from lmgate.accounting.ledger import Ledger, LedgerEntry, purge_bodies
+from lmgate.accounting.metering import Accounting, LedgerSink, Sink, drain, warm_tokenizer
 from lmgate.accounting.prices import PriceBook, load_overrides
 from lmgate.accounting.shared_budgets import SharedTotals
 from lmgate.api.http import Receive, Scope, Send
-from lmgate.auth.keys import KeyCache
+from lmgate.auth.keys import KeyCache, Principal
 from lmgate.config.schema import GatewayConfig
 from lmgate.limits.limiter import Limiter
 from lmgate.limits.redis_backend import RedisWindows
+from lmgate.observability import Metrics, RequestLog
+from lmgate.routing.deployment import Deployment
+from lmgate.routing.health import HealthChecker
 from lmgate.storage.db import Database, database_url
 
 log = logging.getLogger("lmgate")
@@ -34,7 +38,10 @@ class Services:
     keys: KeyCache | None = None
     accounting: Accounting | None = None
     limiter: Limiter | None = None
+    metrics: Metrics | None = None
+    health: HealthChecker | None = None
     admin: object | None = None
+    ledger: Ledger | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def admin_app(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -46,60 +53,131 @@ class Services:
         """Flush the ledger and close everything, newest first."""
         for task in self._tasks:
             task.cancel()
-        if self.accounting is not None:
-            await self.accounting.ledger.close()
+        if self.health is not None:
+            await self.health.close()
+        if self.ledger is not None:
+            await drain()
+            await self.ledger.close()
+        if self.accounting is not None and self.accounting.budgets is not None:
             await self.accounting.budgets.close()
         if self.keys is not None:
             await self.keys.close()
         if self.limiter is not None and self.limiter.redis is not None:
             await self.limiter.redis.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.db is not None:
             await self.db.close()
 
 
-async def open_services(config: GatewayConfig) -> Services:
-    """Open the database (migrating it) and the parts that use it, as configured."""
+class MetricsSink:
+    """Prometheus metrics as a sink."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def record(
+        self, entry: LedgerEntry, principal: Principal | None, upstream_ms: float | None
+    ) -> None:
+        self.metrics.record(entry, upstream_ms)
+
+
+class LogSink:
+    """The request log as a sink."""
+
+    def __init__(self, requests: RequestLog) -> None:
+        self.requests = requests
+
+    def record(
+        self, entry: LedgerEntry, principal: Principal | None, upstream_ms: float | None
+    ) -> None:
+        p = principal
+        self.requests.write(entry, p.user_name if p else None, p.prefix if p else None)
+
+
+async def open_services(config: GatewayConfig, deployments: list[Deployment]) -> Services:
+    """Open what the configuration asks for."""
     services = Services()
+    obs = config.observability
+    sinks: list[Sink] = []
+    if obs.metrics:
+        services.metrics = Metrics()
+        sinks.append(MetricsSink(services.metrics))
+    if obs.request_log:
+        sinks.append(LogSink(RequestLog()))
     limits = config.limits
     if config.auth.enabled or limits.model or limits.key or limits.user or limits.team:
         redis = RedisWindows.from_url(limits.redis_url) if limits.redis_url else None
         services.limiter = Limiter(limits, redis)
-    if not (config.auth.enabled or config.accounting.enabled):
-        return services
-    db = Database(database_url(config))
-    services.db = db
-    if config.database.migrate_on_start:
-        await db.upgrade()
-    if config.auth.enabled:
-        services.keys = KeyCache(db, config.auth.refresh_interval)
-        await services.keys.start()
-    if config.accounting.enabled:
-        services.accounting = await _open_accounting(config, db, services)
-    admin_key = config.auth.admin_key.get_secret_value() if config.auth.admin_key else None
-    from lmgate.admin.api import build_admin_app  # FastAPI loads only where it is used
-
-    services.admin = build_admin_app(db, admin_key or os.environ.get("LMGATE_ADMIN_KEY"))
-    log.info("database: %s", db.safe_url)
+    if config.routing.health_check_interval:
+        services.health = _health_checker(config, deployments, services.metrics)
+        await services.health.start()
+    budgets = None
+    prices = PriceBook(config.accounting.prices)
+    if config.auth.enabled or config.accounting.enabled:
+        db = services.db = Database(database_url(config))
+        if config.database.migrate_on_start:
+            await db.upgrade()
+        if config.auth.enabled:
+            services.keys = KeyCache(db, config.auth.refresh_interval)
+            await services.keys.start()
+        if config.accounting.enabled:
+            budgets, prices = await _open_budgets(config, db)
+            services.ledger = _ledger(config, db)
+            await services.ledger.start()
+            sinks.insert(0, LedgerSink(services.ledger))
+            retention = timedelta(days=config.accounting.body_log_retention_days)
+            services._tasks.append(asyncio.create_task(_purge_loop(db, retention)))
+        services.admin = _admin_app(config, db)
+        log.info("database: %s", db.safe_url)
+    if sinks or budgets is not None:
+        warm = asyncio.get_running_loop().run_in_executor(None, warm_tokenizer)
+        services._tasks.append(asyncio.ensure_future(warm))
+        services.accounting = Accounting(
+            prices, budgets, sinks, config.accounting.default_max_tokens
+        )
     return services
 
 
-async def _open_accounting(config: GatewayConfig, db: Database, services: Services) -> Accounting:
-    acc = config.accounting
+def _health_checker(
+    config: GatewayConfig, deployments: list[Deployment], metrics: Metrics | None
+) -> HealthChecker:
+    r = config.routing
+    assert r.health_check_interval is not None
+    return HealthChecker(
+        deployments,
+        r.health_check_interval,
+        path=r.health_check_path,
+        timeout=r.health_check_timeout,
+        unhealthy_after=r.unhealthy_after,
+        on_change=(lambda d, ok: metrics.deployment_health(d.label, ok)) if metrics else None,
+    )
+
+
+async def _open_budgets(config: GatewayConfig, db: Database) -> tuple[BudgetBook, PriceBook]:
     limits = config.limits
     shared = SharedTotals.from_url(limits.redis_url) if limits.redis_url else None
     budgets = BudgetBook(db.engine, shared=shared, fail_closed=limits.on_redis_failure == "closed")
     await budgets.start()
-    prices = PriceBook(acc.prices, await load_overrides(db.engine))
+    prices = PriceBook(config.accounting.prices, await load_overrides(db.engine))
+    return budgets, prices
+
+
+def _ledger(config: GatewayConfig, db: Database) -> Ledger:
+    acc = config.accounting
     spool = Path(acc.spool_path) if acc.spool_path else config.base_dir / "lmgate-ledger.spool"
     if not spool.is_absolute():
         spool = config.base_dir / spool
-    ledger = Ledger(
+    return Ledger(
         db, spool_path=spool, flush_interval=acc.flush_interval, batch_size=acc.batch_size
     )
-    await ledger.start()
-    retention = timedelta(days=acc.body_log_retention_days)
-    services._tasks.append(asyncio.create_task(_purge_loop(db, retention)))
-    return Accounting(prices, budgets, ledger, acc.default_max_tokens)
+
+
+def _admin_app(config: GatewayConfig, db: Database) -> object:
+    from lmgate.admin.api import build_admin_app  # FastAPI loads only where it is used
+
+    key = config.auth.admin_key.get_secret_value() if config.auth.admin_key else None
+    return build_admin_app(db, key or os.environ.get("LMGATE_ADMIN_KEY"))
 
 
 async def _purge_loop(db: Database, retention: timedelta) -> None:

@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from lmgate.cache.config import CacheSettings
 from lmgate.limits.config import LimitsSettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$")
@@ -111,11 +112,26 @@ class ModelConfig(_Strict):
 
 
 class RoutingSettings(_Strict):
-    """Retries across deployments, and the cool-down of failing ones."""
+    """Retries across deployments, the cool-down of failing ones, active health checks."""
 
     retries: int = Field(2, ge=0, description="extra attempts on other deployments")
     allowed_fails: int = Field(3, ge=1, description="consecutive failures before a cool-down")
     cooldown: float = Field(30.0, ge=0, description="seconds a failing deployment rests")
+    health_check_interval: float | None = Field(
+        None, gt=0, description="seconds between active health checks; None: off"
+    )
+    health_check_path: str = Field("/models", description="probed under each base URL")
+    health_check_timeout: float = Field(5.0, gt=0)
+    unhealthy_after: int = Field(2, ge=1, description="failed checks before leaving rotation")
+
+
+class ObservabilitySettings(_Strict):
+    """Metrics and logs."""
+
+    metrics: bool = Field(True, description="serve Prometheus metrics at /metrics")
+    request_log: bool = Field(True, description="one JSON line per request")
+    log_format: Literal["json", "text"] = "json"
+    log_level: str = "info"
 
 
 class DatabaseSettings(_Strict):
@@ -178,6 +194,8 @@ class GatewayConfig(_Strict):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     accounting: AccountingSettings = Field(default_factory=AccountingSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
     @property

@@ -21,6 +21,8 @@ class Deployment:
     inflight: int = 0
     fails: int = 0
     cooldown_until: float = 0.0
+    healthy: bool = True
+    """Set by the active health checker; unhealthy deployments are tried last."""
     label: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -55,6 +57,11 @@ def attempt_order(deployments: list[Deployment], attempts: int) -> list[Deployme
     now = time.monotonic()
     ranked = sorted(
         (d for d in deployments if d.max_inflight is None or d.inflight < d.max_inflight),
-        key=lambda d: (d.cooling(now), (d.inflight + 1) / d.weight, random.random()),
+        key=lambda d: (
+            not d.healthy,
+            d.cooling(now),
+            (d.inflight + 1) / d.weight,
+            random.random(),
+        ),
     )
     return ranked[:attempts]

@@ -19,8 +19,6 @@ from lmgate.upstream.provider import Provider
 
 log = logging.getLogger("lmgate.health")
 
-HEALTHY = "healthy"
-"""The `Deployment` attribute the checker sets."""
 _PROBE_FAILURES = (UpstreamError, OSError, TimeoutError)
 
 OnChange = Callable[[Deployment, bool], None]
@@ -74,7 +72,7 @@ class HealthChecker:
         """Report the initial state and start probing (the first round at once)."""
         for target in self.targets:
             for dep in target.deployments:
-                setattr(dep, HEALTHY, target.healthy)
+                dep.healthy = target.healthy
                 if self.on_change is not None:
                     self.on_change(dep, target.healthy)
         self._task = asyncio.create_task(self._run(), name="lmgate-health")
@@ -137,6 +135,6 @@ class HealthChecker:
     def _set(self, target: _Target, healthy: bool) -> None:
         target.healthy = healthy
         for dep in target.deployments:
-            setattr(dep, HEALTHY, healthy)
+            dep.healthy = healthy
             if self.on_change is not None:
                 self.on_change(dep, healthy)

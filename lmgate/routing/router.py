@@ -71,6 +71,14 @@ class Router:
             return None
         return Route(model, [Deployment(provider, rest)], provider.name, listed=False)
 
+    def all_deployments(self) -> list[Deployment]:
+        """Every configured deployment (for health checks)."""
+        seen: dict[int, Deployment] = {}
+        for route in [*self.routes.values(), *(r for _, r in self._patterns)]:
+            for d in route.deployments:
+                seen.setdefault(id(d), d)
+        return list(seen.values())
+
     def listed(self) -> list[Route]:
         """The routes `/v1/models` shows: configured and discovered names, not patterns."""
         seen: dict[int, Route] = {}
