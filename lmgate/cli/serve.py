@@ -22,6 +22,11 @@ import uvicorn
 from lmgate.config.defaults import DEMO_MODEL, embedded_config, ollama_answers
 from lmgate.config.loader import ConfigError, load_config
 from lmgate.config.schema import GatewayConfig
+from lmgate.observability import (
+    cleanup_multiprocess_dir,
+    configure_logging,
+    prepare_multiprocess_dir,
+)
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML configuration file.", exists=False)
@@ -36,11 +41,10 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
 ) -> None:
     """Run the gateway. Without --config: embedded defaults and a local demo model."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     path = config if config is not None else _write_embedded()
     cfg = load_or_exit(path)
+    configure_logging(log_level, cfg.observability.log_format == "json")
     server = cfg.server
     host = host or server.host
     port = server.port if port is None else port
@@ -66,6 +70,8 @@ def serve(
 
         uvicorn.run(Gateway(cfg), **common)  # type: ignore[arg-type]
     else:
+        # Every worker writes its metrics where any of them can sum them for a scrape.
+        atexit.register(cleanup_multiprocess_dir, prepare_multiprocess_dir())
         os.environ["LMGATE_CONFIG"] = str(path)
         uvicorn.run("lmgate.api.app:create_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]
 
