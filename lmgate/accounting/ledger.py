@@ -82,6 +82,10 @@ def _row(e: LedgerEntry) -> Row:
     return _storable(row)
 
 
+_COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens", "status")
+_INT_MAX = 2**31 - 1
+
+
 def _storable(row: Row) -> Row:
     """Cut long strings and replace NUL characters, which PostgreSQL text cannot hold: the
     database would refuse the record, and with it every batch and replay, for ever."""
@@ -90,6 +94,10 @@ def _storable(row: Row) -> Row:
             row[f] = row[f].replace("\x00", "\ufffd")[:n]
     if row.get("bodies"):
         row["bodies"] = tuple(b.replace("\x00", "\ufffd") for b in row["bodies"])
+    for f in _COUNTS:  # an upstream's absurd count must not overflow the integer column
+        value = row.get(f)
+        if isinstance(value, int) and not 0 <= value <= _INT_MAX:
+            row[f] = min(max(value, 0), _INT_MAX)
     return row
 
 

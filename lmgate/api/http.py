@@ -32,6 +32,7 @@ class Request:
         "method",
         "path",
         "receive",
+        "record_id",
         "request_id",
         "scope",
         "send",
@@ -59,16 +60,21 @@ class Request:
                 request_id = value
             elif name == b"x-lmgate-timeout":
                 timeout = value
+            elif name == b"x-api-key":  # Anthropic's SDK
+                api_key = value.strip()
         self.api_key: bytes | None = api_key
-        """The caller's key: `Authorization: Bearer`, `api-key`, or (set later) the path."""
+        """The caller's key: `Authorization: Bearer`, `api-key`, `x-api-key`, or the path."""
         self.content_length = content_length
         self.content_type = content_type
         self.timeout_header = timeout
-        self.request_id: bytes = (
-            request_id
-            if request_id and len(request_id) <= _MAX_REQUEST_ID and request_id.isascii()
-            else os.urandom(12).hex().encode()
-        )
+        own = os.urandom(12).hex().encode()
+        self.request_id: bytes = own
+        """The client's `x-request-id` if it sent one, else the gateway's own."""
+        self.record_id: bytes = own
+        """Unique per request even when clients reuse ids: the ledger's key."""
+        if request_id and len(request_id) <= _MAX_REQUEST_ID and request_id.isascii():
+            self.request_id = request_id
+            self.record_id = request_id + b"." + own[:8]
 
     def header(self, name: bytes) -> bytes | None:
         """A header the hot path does not read up front (names are lower-case)."""
