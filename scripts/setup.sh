@@ -9,13 +9,24 @@ want_test=0
 
 if (( want_test )); then
   missing=()
-  for tool in sshd:openssh-server tinyproxy:tinyproxy socat:socat ip:iproute2 curl:curl; do
+  for tool in sshd:openssh-server tinyproxy:tinyproxy socat:socat ip:iproute2 curl:curl \
+      redis-server:redis-server; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || [[ -x "/usr/sbin/${tool%%:*}" ]] || missing+=("${tool##*:}")
   done
   if (( ${#missing[@]} )); then
     echo "installing system packages: ${missing[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+if (( want_test )); then
+  # A real single-node SLURM (with accounting, for QOS and sacct) for the managed-backend tests.
+  slurm=../shared/slurm/start-single-node.sh
+  if [[ -x $slurm || -f $slurm ]]; then
+    SLURM_NODE_CPUS=8 bash "$slurm" --accounting | tail -n 1
+  else
+    echo "warning: $slurm not found: the SLURM tests will fail" >&2
   fi
 fi
 

@@ -11,10 +11,22 @@ from sqlalchemy import Connection, inspect, text
 
 from lmgate.config.loader import parse_config
 from lmgate.storage.db import Database, database_url
+import lmgate.backends.models  # noqa: F401
 from lmgate.storage.models import Base
 from tests.dbfixtures import backend_fixture, db_fixture, empty_db_url_fixture, pg_server_fixture  # noqa: F401
 
-TABLES = {"teams", "users", "api_keys", "budgets", "prices", "usage_records", "body_logs"}
+TABLES = {
+    "teams",
+    "users",
+    "api_keys",
+    "budgets",
+    "prices",
+    "usage_records",
+    "body_logs",
+    "backend_instances",
+    "backend_models",
+    "backend_starts",
+}
 
 
 def _diffs(conn: Connection) -> list[object]:
@@ -36,7 +48,7 @@ async def test_upgrade_twice_is_a_no_op(empty_db_url: str) -> None:
     async with db.engine.connect() as conn:
         versions = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
     await db.close()
-    assert [v[0] for v in versions] == ["0001"]
+    assert [v[0] for v in versions] == ["0002"]
 
 
 UPGRADE = "import asyncio, sys; from lmgate.storage.db import Database; " + (

@@ -41,6 +41,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -201,6 +203,8 @@ class _Stub:
         self.options = options
         self.stats = Stats()
         self._ids = itertools.count(1)
+        self.inflight = 0
+        """``/v1`` requests being answered (reported by ``--telemetry``)."""
 
     def routes(self) -> list[web.RouteDef]:
         """All routes of the stub."""
@@ -227,6 +231,13 @@ class _Stub:
         """Wrap ``endpoint(call) -> dict | StreamResponse`` with the common /v1 behaviour."""
 
         async def handle(request: web.Request) -> web.StreamResponse:
+            self.inflight += 1
+            try:
+                return await answer(request)
+            finally:
+                self.inflight -= 1
+
+        async def answer(request: web.Request) -> web.StreamResponse:
             body = await _read_json(request)
             if request.method == "POST":
                 self._record(request, body)
@@ -760,20 +771,91 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-async def _serve(options: StubOptions, host: str, port: int, port_file: Path | None) -> None:
-    stub = await start_stub(options, host, port)
+@dataclass(frozen=True)
+class Announce:
+    """Where a worker started by lmgate's managed backends reports itself.
+
+    ``register_url`` receives ``{"instance", "host", "port", "startup_seconds"}`` once the
+    stub listens; ``telemetry_url`` receives ``{"instance", "running", "waiting",
+    "tokens_per_s"}`` every ``telemetry_interval`` seconds. Both carry ``secret`` as a
+    bearer token.
+    """
+
+    register_url: str | None = None
+    telemetry_url: str | None = None
+    telemetry_interval: float = 2.0
+    secret: str = ""
+    instance: str = ""
+
+
+async def _serve(
+    options: StubOptions,
+    host: str,
+    port: int,
+    port_file: Path | None,
+    startup_delay: float = 0.0,
+    announce: Announce | None = None,
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    with contextlib.suppress(TimeoutError):  # a slow model load, interrupted by a signal
+        await asyncio.wait_for(stop.wait(), startup_delay)
+    if stop.is_set():
+        return
+    stub = await start_stub(options, host, port)
+    tasks: list[asyncio.Task[None]] = []
     try:
         netloc = _netloc(host, stub.port)
         if port_file is not None:
             _write_atomically(port_file, netloc)
         print(f"stub listening on http://{netloc}", flush=True)
+        if announce is not None:
+            tasks.append(asyncio.create_task(_announce(announce, host, stub)))
         await stop.wait()
     finally:
+        for task in tasks:
+            task.cancel()
         await stub.close()
+
+
+async def _announce(announce: Announce, host: str, stub: RunningStub) -> None:
+    """Register with the gateway, then send telemetry until cancelled."""
+    advertised = socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
+    headers = {"Authorization": f"Bearer {announce.secret}"}
+    async with aiohttp.ClientSession(headers=headers, trust_env=False) as session:
+        if announce.register_url:
+            body = {
+                "instance": announce.instance,
+                "host": advertised,
+                "port": stub.port,
+                "startup_seconds": time.time() - _process_start(),
+            }
+            for attempt in range(10):
+                with contextlib.suppress(aiohttp.ClientError, OSError):
+                    async with session.post(announce.register_url, json=body) as resp:
+                        print(f"registered with {announce.register_url}: {resp.status}", flush=True)
+                        if resp.status < 500:
+                            break
+                await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+        while announce.telemetry_url:
+            app_stub = stub.runner.app[_STUB]
+            body = {"instance": announce.instance, "running": app_stub.inflight, "waiting": 0}
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.post(announce.telemetry_url, json=body) as resp:
+                    await resp.read()
+            await asyncio.sleep(announce.telemetry_interval)
+
+
+def _process_start() -> float:
+    """Unix time this process started (Linux), else now."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.time()
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -792,6 +874,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--embedding-dim", type=int, default=8)
     parser.add_argument("--port-file", type=Path, default=None, help="receives HOST:PORT")
+    parser.add_argument(
+        "--startup-delay", type=float, default=0.0, metavar="SECONDS", help="wait before listening"
+    )
+    parser.add_argument("--register", default=None, metavar="URL", help="POST host:port here")
+    parser.add_argument(
+        "--register-secret", default=None, help="bearer token (default $LMGATE_REGISTER_SECRET)"
+    )
+    parser.add_argument(
+        "--register-instance", default=None, help="instance id (default $LMGATE_INSTANCE_ID)"
+    )
+    parser.add_argument("--telemetry", default=None, metavar="URL", help="POST load figures here")
+    parser.add_argument("--telemetry-interval", type=float, default=2.0, metavar="SECONDS")
     return parser.parse_args(argv)
 
 
@@ -818,8 +912,17 @@ def main(argv: list[str] | None = None) -> None:
         api_key=args.api_key,
         embedding_dim=args.embedding_dim,
     )
+    announce = None
+    if args.register or args.telemetry:
+        announce = Announce(
+            register_url=args.register,
+            telemetry_url=args.telemetry,
+            telemetry_interval=args.telemetry_interval,
+            secret=args.register_secret or os.environ.get("LMGATE_REGISTER_SECRET", ""),
+            instance=args.register_instance or os.environ.get("LMGATE_INSTANCE_ID", ""),
+        )
     with contextlib.suppress(KeyboardInterrupt):  # a SIGINT before the handlers are set
-        _run(_serve(options, args.host, args.port, args.port_file))
+        _run(_serve(options, args.host, args.port, args.port_file, args.startup_delay, announce))
 
 
 if __name__ == "__main__":

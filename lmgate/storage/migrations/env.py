@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection
 
+import lmgate.backends.models  # noqa: F401  (the managed backends' tables)
 from lmgate.storage.models import Base
 
 
