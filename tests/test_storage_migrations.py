@@ -9,9 +9,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, inspect, text
 
+import lmgate.backends.models  # noqa: F401
 from lmgate.config.loader import parse_config
 from lmgate.storage.db import Database, database_url
-import lmgate.backends.models  # noqa: F401
 from lmgate.storage.models import Base
 from tests.dbfixtures import backend_fixture, db_fixture, empty_db_url_fixture, pg_server_fixture  # noqa: F401
 

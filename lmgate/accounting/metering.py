@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -17,12 +18,14 @@ from lmgate.accounting.ledger import Ledger, LedgerEntry
 from lmgate.accounting.prices import PriceBook
 from lmgate.accounting.tokenizer import count_prompt, count_tokens, estimate_prompt_tokens
 from lmgate.accounting.usage import (
+    MessagesStreamUsage,
     StreamUsage,
     Usage,
     completion_text,
     inject_include_usage,
     splice_include_usage,
     usage_from_body,
+    usage_from_messages_body,
     wants_usage,
 )
 from lmgate.api.errors import GatewayError
@@ -131,16 +134,26 @@ class Accounting:
         model: str,
         payload: Payload,
         upstream_model: str | None,
+        api: str = "openai",
     ) -> Meter:
-        """Reserve the request's maximum cost (429 if a budget is spent) and start metering."""
+        """Reserve the request's maximum cost (429 if a budget is spent) and start metering.
+
+        `api` is the format of the request and its answer: OpenAI's, or Anthropic's for a
+        `/v1/messages` request passed to an Anthropic provider as is.
+        """
         data = payload.data or {}
-        stream = None
-        if data.get("stream") is True:
+        stream: StreamUsage | MessagesStreamUsage | None = None
+        if api == "anthropic":
+            if data.get("stream") is True:
+                stream = MessagesStreamUsage()
+        elif data.get("stream") is True:
             strip = not wants_usage(data)
             if strip:
                 _ask_for_usage(payload)
             stream = StreamUsage(strip=strip)
         meter = Meter(self, request_id, principal, model, payload, stream)
+        if api == "anthropic":
+            meter.read_usage = usage_from_messages_body
         if principal is not None and self.budgets is not None:
             try:
                 meter.reservation = await self.budgets.reserve(
@@ -185,6 +198,7 @@ class Meter:
         "_upstream_start",
         "_usage",
         "cost",
+        "read_usage",
         "reservation",
         "tokens",
     )
@@ -196,7 +210,7 @@ class Meter:
         principal: Principal | None,
         model: str,
         payload: Payload,
-        stream: StreamUsage | None,
+        stream: StreamUsage | MessagesStreamUsage | None,
     ) -> None:
         self._acc = acc
         self._request_id = request_id
@@ -219,6 +233,8 @@ class Meter:
         self.cost = 0.0
         self.tokens = 0
         """Prompt + completion tokens, once the request has finished."""
+        self.read_usage: Callable[[bytes], Usage | None] = usage_from_body
+        """The usage of a complete answer (Anthropic's format for native Messages answers)."""
 
     def attempt(self, dep: Deployment) -> None:
         self._deployment = dep
@@ -234,7 +250,7 @@ class Meter:
     def body(self, body: bytes) -> Headers | None:
         """Price a complete answer now, so that its cost travels in `x-lmgate-cost`."""
         self._body = body
-        self._usage = usage_from_body(body) or self._estimate()
+        self._usage = self.read_usage(body) or self._estimate()
         self.cost, _ = self._acc.prices.cost(self._model, self._upstream_model(), self._usage)
         return [(b"x-lmgate-cost", f"{self.cost:.8f}".encode())]
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from lmgate.accounting.tokenizer import count_tokens
+from lmgate.adapters.anthropic_stream import MessagesUsage, usage_from_message
 
 _USAGE = b'"usage"'
 _SEPS = (b"\n\n", b"\r\n\r\n")
@@ -248,3 +250,43 @@ class StreamUsage:
         if self._kept_bytes and self.total_bytes > self._kept_bytes:
             tokens = round(tokens * self.total_bytes / self._kept_bytes)
         return tokens
+
+
+# -- Anthropic's Messages format (`/v1/messages` passed to an Anthropic provider as is) ----------
+
+
+def usage_from_messages_body(body: bytes) -> Usage | None:
+    """The usage of a Message: prompt = input + cache reads + cache writes, cached = reads."""
+    return parse_usage(usage_from_message(body))
+
+
+class MessagesStreamUsage:
+    """`StreamUsage` for a Messages event stream: reads its usage, forwards the bytes as they are.
+
+    `message_start` carries the input tokens (cache reads and writes included) and
+    `message_delta` the cumulative output; `parse_usage` on either event alone gets it wrong.
+    """
+
+    __slots__ = ("_reader",)
+
+    def __init__(self) -> None:
+        self._reader = MessagesUsage()
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Scan `chunk`; return it unchanged."""
+        with contextlib.suppress(ValueError, TypeError, AttributeError):  # a malformed event
+            self._reader.feed(chunk)
+        return chunk
+
+    def flush(self) -> bytes:
+        """Nothing is ever held back."""
+        return b""
+
+    @property
+    def usage(self) -> Usage | None:
+        """The usage seen so far, or None."""
+        return parse_usage(self._reader.usage)
+
+    def estimate_completion_tokens(self, model: str | None = None) -> int:
+        """Anthropic always reports its usage: nothing to estimate from."""
+        return 0

@@ -10,9 +10,12 @@ from typing import Any
 
 import orjson
 
+from lmgate.adapters.argo import NATIVE as ARGO_NATIVE
+from lmgate.adapters.argo import status_answer, status_call
 from lmgate.api import models as model_list
 from lmgate.api.errors import GatewayError
-from lmgate.api.http import ClientGone, Receive, Request, Scope, Send
+from lmgate.api.http import JSON, ClientGone, Receive, Request, Scope, Send
+from lmgate.api.messages import MessagesSend, entrance_call
 from lmgate.api.relay import Call, Observer, Observers, Payload, forward
 from lmgate.api.services import Services, open_services
 from lmgate.auth.keys import Principal
@@ -22,6 +25,7 @@ from lmgate.limits.limiter import NO_LIMITS
 from lmgate.limits.tokens import estimate_request_tokens
 from lmgate.routing.deployment import Deployment
 from lmgate.routing.router import Router
+from lmgate.upstream.client import UpstreamError
 from lmgate.upstream.provider import Provider
 
 log = logging.getLogger("lmgate")
@@ -30,6 +34,8 @@ Handler = Callable[[Request], Awaitable[None]]
 _MAX_TIMEOUT = 24 * 3600.0
 _JSON_TYPES = (b"application/json", b"text/json")
 _PATH_KEY = "/lmg-"
+_KINDS = {"/chat/completions": "chat", "/completions": "completions", "/embeddings": "embeddings"}
+_ARGO_STATUS = "/status"
 
 
 class Gateway:
@@ -53,7 +59,13 @@ class Gateway:
             "/health": ("GET", self._health),
             "/ready": ("GET", self._ready),
             "/metrics": ("GET", self._metrics),
+            "/v1/messages": ("POST", self._messages),
         }
+        self._argo = [p for p in self.providers.values() if p.config.type == "argo"]
+        if self._argo:  # ARGO's own endpoints; without an ARGO provider they pass through
+            for path in ARGO_NATIVE:
+                self._routes["/v1" + path] = ("POST", self._argo_route)
+            self._routes["/v1" + _ARGO_STATUS] = ("GET", self._argo_route)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -96,16 +108,21 @@ class Gateway:
             provider = self.providers.get(head)
             if provider is None or not (rest == "v1" or rest.startswith("v1/")):
                 raise GatewayError(404, f"Invalid URL ({req.method} {path}).", code="unknown_url")
+            if provider.config.type == "argo" and (
+                rest[2:] in ARGO_NATIVE or rest[2:] == _ARGO_STATUS
+            ):
+                await self._argo_native(req, provider, rest[2:])
+                return
             await self._passthrough(req, provider.name, rest[2:])
 
     async def _chat(self, req: Request) -> None:
-        await self._model_call(req, "/chat/completions", True)
+        await self._model_call(req, "/chat/completions", True, "chat")
 
     async def _completions(self, req: Request) -> None:
-        await self._model_call(req, "/completions", True)
+        await self._model_call(req, "/completions", True, "completions")
 
     async def _embeddings(self, req: Request) -> None:
-        await self._model_call(req, "/embeddings", False)
+        await self._model_call(req, "/embeddings", False, "embeddings")
 
     def _key_from_path(self, req: Request) -> str:
         """`/{key}/v1/...`, for clients whose base URL carries the key: take it out of the path."""
@@ -124,7 +141,7 @@ class Gateway:
             raise GatewayError(503, "The gateway is starting.", code="not_ready")
         return await keys.authenticate(req.api_key)
 
-    async def _model_call(self, req: Request, suffix: str, streams: bool) -> None:
+    async def _model_call(self, req: Request, suffix: str, streams: bool, kind: str) -> None:
         """A request that names its model: authenticate, parse once, route, meter, forward."""
         principal = await self._authenticate(req)
         raw = await req.body(self.limit)
@@ -148,8 +165,93 @@ class Gateway:
             timeout,
             expects_done=streams and data.get("stream") is True,
             content_type=b"application/json",
+            kind=kind,
+            user=principal.user_name if principal is not None else None,
         )
         await self._metered(req, call, payload, route.deployments, principal, model, suffix)
+
+    async def _messages(self, req: Request) -> None:
+        """`POST /v1/messages`, Anthropic's API, on any model; answers in Anthropic's format."""
+        out = MessagesSend(req.send)
+        req.send = out  # from here on, errors too leave in Anthropic's format
+        principal = await self._authenticate(req)
+        raw = await req.body(self.limit)
+        data = _json_object(raw)
+        model = data.get("model")
+        if not isinstance(model, str) or not model:
+            raise GatewayError(
+                400, "model: Field required", param="model", code="missing_required_parameter"
+            )
+        out.model = model
+        payload = Payload(raw, data, model)
+        timeout = _timeout(req, payload)
+        route = self.router.resolve(model)
+        if route is None or (principal is not None and not principal.may_use(model)):
+            raise _model_not_found(model) if route is None else _model_forbidden(model)
+        user = principal.user_name if principal is not None else None
+        call, payload, out.convert = entrance_call(data, payload, route.deployments, timeout, user)
+        await self._metered(req, call, payload, route.deployments, principal, model)
+
+    async def _argo_route(self, req: Request) -> None:
+        """`/v1/chat`, `/v1/streamchat`, `/v1/embed`, `/v1/status` on the only ARGO provider."""
+        if len(self._argo) > 1:
+            names = ", ".join(f"/{p.name}{req.path}" for p in self._argo)
+            raise GatewayError(
+                400,
+                f"Several ARGO providers are configured: use one of {names}.",
+                code="ambiguous_provider",
+            )
+        await self._argo_native(req, self._argo[0], req.path[3:])
+
+    async def _argo_native(self, req: Request, provider: Provider, suffix: str) -> None:
+        """ARGO's own API, passed through as is; `/status` asks ARGO's health check."""
+        method = "GET" if suffix == _ARGO_STATUS else "POST"
+        if req.method != method:
+            raise GatewayError(
+                405,
+                f"Method {req.method} is not allowed on {req.path}; use {method}.",
+                code="method_not_allowed",
+                headers={"Allow": method},
+            )
+        principal = await self._authenticate(req)
+        if suffix == _ARGO_STATUS:
+            await self._argo_status(req, provider)
+            return
+        raw = await req.body(self.limit)
+        payload = Payload(raw, _json_object(raw))
+        timeout = _timeout(req, payload)
+        assert payload.data is not None
+        name = payload.data.get("model")
+        model = f"{provider.name}/{name if isinstance(name, str) else '-'}"
+        if principal is not None and not principal.may_use(model):
+            raise _model_forbidden(model)
+        call = Call(
+            "POST",
+            ARGO_NATIVE[suffix],
+            timeout,
+            content_type=JSON,
+            user=principal.user_name if principal is not None else None,
+            api="argo",
+        )
+        await self._metered(req, call, payload, self._direct[provider.name], principal, model)
+
+    async def _argo_status(self, req: Request, provider: Provider) -> None:
+        up = status_call()
+        status: int | None = None
+        try:
+            resp = await provider.request(up.method, up.suffix, None, up.headers, 10.0)
+        except (UpstreamError, TimeoutError) as e:
+            log.warning("ARGO provider %s: health check failed: %s", provider.name, e)
+        else:
+            try:
+                await resp.read()
+                status = resp.status
+            except UpstreamError:
+                pass
+            finally:
+                resp.release()
+        code, body = status_answer(status)
+        await req.respond(code, body)
 
     async def _metered(
         self,
@@ -169,7 +271,7 @@ class Gateway:
             estimate = estimate_request_tokens(payload)
             try:
                 admission = await limiter.admit(
-                    principal, model, estimate, req.request_id.decode("ascii", "replace")
+                    principal, model, estimate, req.record_id.decode("ascii", "replace")
                 )
             except GatewayError as refused:
                 if metrics is not None and refused.status == 429:
@@ -223,7 +325,7 @@ class Gateway:
             await forward(req, call, payload, deployments, self.config.routing)
             return
         meter = await acc.meter(
-            req.request_id, principal, model, payload, deployments[0].upstream_model
+            req.record_id, principal, model, payload, deployments[0].upstream_model, call.api
         )
         call.observer = meter if recorder is None else Observers(recorder, meter)
         error: GatewayError | None = None
@@ -250,7 +352,7 @@ class Gateway:
         acc = self.services.accounting
         if acc is not None:
             cost, call.tokens = acc.record_hit(
-                req.request_id, principal, model, hit.body, self.config.cache.bill_hits
+                req.record_id, principal, model, hit.body, self.config.cache.bill_hits
             )
             extra.append((b"x-lmgate-cost", f"{cost:.8f}".encode()))
         await req.respond(200, hit.content, hit.content_type, extra)
@@ -277,6 +379,8 @@ class Gateway:
             and payload.data is not None
             and payload.data.get("stream") is True,
             content_type=req.content_type,
+            kind=_KINDS.get(suffix),
+            user=principal.user_name if principal is not None else None,
         )
         await self._metered(req, call, payload, deployments, principal, model)
 

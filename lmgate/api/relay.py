@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,7 +19,7 @@ from lmgate.upstream.client import BodyBroken, ConnectFailed, UpstreamError, Ups
 
 log = logging.getLogger("lmgate.relay")
 
-RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504, 529})  # 529: Anthropic overloaded
 _URL = re.compile(r"https?://[^\s\"'<>]+")
 _SSE = b"text/event-stream"
 
@@ -113,6 +114,19 @@ class Call:
     """Extra response headers (rate limits, cache status)."""
     tokens: int | None = None
     """Prompt + completion tokens, once known (for token rate limits)."""
+    kind: str | None = None
+    """`chat`, `completions` or `embeddings`: what a provider's adapter converts."""
+    user: str | None = None
+    """The caller's lmgate user name (ARGO may be told it)."""
+    api: str = "openai"
+    """The API of the body and answer: `openai`, or a provider's own (`anthropic`, `argo`)."""
+
+
+Opener = Callable[[Request, Call, Payload, Deployment], Awaitable[UpstreamResponse]]
+Relayer = Callable[[Request, Call, UpstreamResponse, Deployment], Awaitable[None]]
+ErrorReader = Callable[[UpstreamResponse, Deployment], Awaitable[GatewayError]]
+Steps = tuple[Opener, Relayer, ErrorReader]
+"""How an attempt is made: open the upstream request, relay its answer, read its error."""
 
 
 async def forward(
@@ -139,11 +153,15 @@ async def forward(
     last: GatewayError | None = None
     for i, dep in enumerate(order):
         next_dep = order[i + 1] if i + 1 < len(order) else None
+        # Other APIs than OpenAI's (ARGO, Anthropic) take their own steps, never this path's.
+        opener, relay, upstream_error = (
+            _DIRECT if dep.provider.passthrough else converted.steps(call, payload, dep)
+        )
         dep.inflight += 1
         if call.observer is not None:
             call.observer.attempt(dep)
         try:
-            resp = await _open(req, call, payload, dep)
+            resp = await opener(req, call, payload, dep)
         except (ConnectFailed, BodyBroken) as e:
             dep.inflight -= 1
             dep.failed(rs.allowed_fails, rs.cooldown)
@@ -167,11 +185,11 @@ async def forward(
             if resp.status in RETRYABLE_STATUS:
                 dep.failed(rs.allowed_fails, rs.cooldown)
                 if next_dep is not None and next_dep is not dep:
-                    last = await _upstream_error(resp, dep)
+                    last = await upstream_error(resp, dep)
                     continue
             elif resp.status < 400:
                 dep.succeeded()
-            await _relay(req, call, resp, dep)
+            await relay(req, call, resp, dep)
             return
         finally:
             dep.inflight -= 1
@@ -284,7 +302,13 @@ async def _upstream_error(resp: UpstreamResponse, dep: Deployment) -> GatewayErr
         raw = await resp.read()
     except UpstreamError:
         raw = b""
-    status = resp.status
+    return _error_from(resp.status, raw, resp.headers, dep)
+
+
+def _error_from(
+    status: int, raw: bytes, upstream_headers: dict[str, str], dep: Deployment
+) -> GatewayError:
+    """An upstream error body in OpenAI's envelope, as the gateway reports it."""
     provider = dep.provider
     message, etype, param, code = f"Provider {provider.name!r} answered {status}.", None, None, None
     try:
@@ -305,8 +329,8 @@ async def _upstream_error(resp: UpstreamResponse, dep: Deployment) -> GatewayErr
         status, code = 502, "upstream_auth_failed"
         message = f"Provider {provider.name!r} rejected the gateway's credentials."
         etype = "upstream_error"
-    elif "retry-after" in resp.headers:
-        headers["Retry-After"] = resp.headers["retry-after"]
+    elif "retry-after" in upstream_headers:
+        headers["Retry-After"] = upstream_headers["retry-after"]
     return GatewayError(
         status,
         message,
@@ -329,3 +353,10 @@ def _broken(dep: Deployment) -> GatewayError:
         f"The connection to provider {dep.provider.name!r} broke before the response finished.",
         code="upstream_disconnected",
     )
+
+
+_DIRECT: Steps = (_open, _relay, _upstream_error)
+"""The OpenAI-compatible pass-through."""
+
+# The conversions build on this module's functions: imported once they are all defined.
+from lmgate.api import converted  # noqa: E402

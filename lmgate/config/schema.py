@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import date
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from lmgate.backends.config import BackendConfig, BackendsSettings
 from lmgate.cache.config import CacheSettings
 from lmgate.limits.config import LimitsSettings
 
@@ -50,7 +52,9 @@ class Timeouts(_Strict):
 class ProviderConfig(_Strict):
     """An upstream API: where it is, how to authenticate, how to reach it."""
 
-    type: Literal["openai"] = "openai"
+    type: Literal["openai", "argo", "anthropic"] = Field(
+        "openai", description="the API the provider speaks; see docs/providers.md"
+    )
     base_url: str
     api_key: SecretStr | None = None
     headers: dict[str, str] = Field(default_factory=dict)
@@ -59,6 +63,19 @@ class ProviderConfig(_Strict):
     wildcard: bool = Field(True, description="route any `<provider>/<model>` to this provider")
     max_connections: int = Field(1000, ge=1)
     discover_models: bool = Field(False, description="list the provider's models at start")
+    argo_user: str | None = Field(None, description="ARGO: the user name sent with requests")
+    argo_user_per_key: bool = Field(False, description="ARGO: send the caller's lmgate user")
+    argo_models: dict[str, str] = Field(
+        default_factory=dict, description="ARGO: public model name -> ARGO model name"
+    )
+    argo_no_system_models: list[str] = Field(
+        default_factory=lambda: ["gpto1preview", "gpto1mini"],
+        description="ARGO: models (shell patterns) whose system prompt joins the first user turn",
+    )
+    anthropic_version: str = Field("2023-06-01", description="Anthropic: `anthropic-version`")
+    default_max_tokens: int = Field(
+        4096, ge=1, description="Anthropic: `max_tokens` when the request gives none"
+    )
 
     @field_validator("base_url")
     @classmethod
@@ -73,6 +90,22 @@ class ProviderConfig(_Strict):
         if v and not v.startswith(_PROXY_SCHEMES):
             raise ValueError(f"proxy scheme must be one of {', '.join(_PROXY_SCHEMES)}")
         return v or None
+
+    @field_validator("anthropic_version", mode="before")
+    @classmethod
+    def _version(cls, v: object) -> object:
+        return v.isoformat() if isinstance(v, date) else v  # YAML reads 2023-06-01 as a date
+
+    @model_validator(mode="after")
+    def _type_options(self) -> ProviderConfig:
+        if self.type == "argo" and not (self.argo_user or self.argo_user_per_key):
+            raise ValueError("`type: argo` needs `argo_user` (or `argo_user_per_key`)")
+        for name in sorted(self.model_fields_set):
+            if name.startswith("argo_") and self.type != "argo":
+                raise ValueError(f"`{name}` needs `type: argo`")
+            if name in ("anthropic_version", "default_max_tokens") and self.type != "anthropic":
+                raise ValueError(f"`{name}` needs `type: anthropic`")
+        return self
 
 
 class DeploymentConfig(_Strict):
@@ -95,9 +128,18 @@ class ModelConfig(_Strict):
     model: str | None = None
     deployments: list[DeploymentConfig] = Field(default_factory=list)
     owned_by: str | None = None
+    backend: BackendConfig | None = Field(
+        None, description="a model lmgate launches itself (SLURM job or local process)"
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> ModelConfig:
+        if self.backend is not None:
+            if self.provider or self.deployments:
+                raise ValueError("a model with `backend` has no `provider` or `deployments`")
+            if "*" in self.name:
+                raise ValueError("a managed model needs a plain name, not a `*` pattern")
+            return self
         if self.provider and self.deployments:
             raise ValueError("give either `provider` or `deployments`, not both")
         if self.provider:
@@ -196,6 +238,7 @@ class GatewayConfig(_Strict):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     observability: ObservabilitySettings = Field(default_factory=ObservabilitySettings)
+    backends: BackendsSettings = Field(default_factory=BackendsSettings)
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
     @property

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from lmgate.adapters import Adapter, create_adapter
 from lmgate.config.schema import ProviderConfig
 from lmgate.upstream.client import UpstreamPool, UpstreamResponse
 
@@ -21,8 +22,13 @@ class Provider:
         self.base_url = config.base_url
         self.proxy = config.proxy or env_proxy_for(config.base_url)
         self.secret = config.api_key.get_secret_value() if config.api_key else ""
+        self.adapter: Adapter = create_adapter(config.type, config.model_dump())
+        self.passthrough = self.adapter.passthrough
+        """An OpenAI-compatible upstream: requests and answers are relayed unchanged."""
         headers = {"Accept-Encoding": "identity", **config.headers}
-        if self.secret:
+        if not self.passthrough:
+            headers.update(self.adapter.auth_headers(self.secret))
+        elif self.secret:
             headers["Authorization"] = f"Bearer {self.secret}"
         self.headers = headers
         self._pool: UpstreamPool | None = None
