@@ -24,7 +24,7 @@ from lmgate.config.schema import GatewayConfig
 from lmgate.limits.limiter import NO_LIMITS
 from lmgate.limits.tokens import estimate_request_tokens
 from lmgate.routing.deployment import Deployment
-from lmgate.routing.router import Router
+from lmgate.routing.router import Route, Router
 from lmgate.upstream.client import UpstreamError
 from lmgate.upstream.provider import Provider
 
@@ -101,6 +101,8 @@ class Gateway:
             await self._model(req, path[len("/v1/models/") :])
         elif path.startswith("/v1/"):
             await self._passthrough(req, None, path[3:])
+        elif path.startswith("/internal/backends/"):
+            await self._internal(req)
         elif path == "/admin" or path.startswith("/admin/"):
             await self._admin(req)
         else:
@@ -168,7 +170,8 @@ class Gateway:
             kind=kind,
             user=principal.user_name if principal is not None else None,
         )
-        await self._metered(req, call, payload, route.deployments, principal, model, suffix)
+        deployments = await self._deployments(route)
+        await self._metered(req, call, payload, deployments, principal, model, suffix)
 
     async def _messages(self, req: Request) -> None:
         """`POST /v1/messages`, Anthropic's API, on any model; answers in Anthropic's format."""
@@ -189,8 +192,9 @@ class Gateway:
         if route is None or (principal is not None and not principal.may_use(model)):
             raise _model_not_found(model) if route is None else _model_forbidden(model)
         user = principal.user_name if principal is not None else None
-        call, payload, out.convert = entrance_call(data, payload, route.deployments, timeout, user)
-        await self._metered(req, call, payload, route.deployments, principal, model)
+        deployments = await self._deployments(route)
+        call, payload, out.convert = entrance_call(data, payload, deployments, timeout, user)
+        await self._metered(req, call, payload, deployments, principal, model)
 
     async def _argo_route(self, req: Request) -> None:
         """`/v1/chat`, `/v1/streamchat`, `/v1/embed`, `/v1/status` on the only ARGO provider."""
@@ -370,7 +374,7 @@ class Gateway:
         model = payload.model or f"{provider or '-'}:{suffix.split('?')[0]}"
         if principal is not None and not principal.may_use(model):
             raise _model_forbidden(model)
-        deployments = self._passthrough_target(provider, payload)
+        deployments = await self._passthrough_target(provider, payload)
         call = Call(
             req.method,
             _with_query(req, suffix),
@@ -384,7 +388,7 @@ class Gateway:
         )
         await self._metered(req, call, payload, deployments, principal, model)
 
-    def _passthrough_target(self, provider: str | None, payload: Payload) -> list[Deployment]:
+    async def _passthrough_target(self, provider: str | None, payload: Payload) -> list[Deployment]:
         if provider is not None:
             payload.model = None  # the body goes to the named provider exactly as sent
             return self._direct[provider]
@@ -392,7 +396,7 @@ class Gateway:
             route = self.router.resolve(payload.model)
             if route is None:
                 raise _model_not_found(payload.model)
-            return route.deployments
+            return await self._deployments(route)
         name = self.config.server.default_provider or next(iter(self.providers), None)
         if name is None:
             raise GatewayError(404, "No provider is configured for this path.", code="unknown_url")
@@ -401,7 +405,8 @@ class Gateway:
     async def _models(self, req: Request) -> None:
         principal = await self._authenticate(req)
         allowed = principal.may_use if principal is not None else None
-        await req.respond(200, orjson.dumps(model_list.listing(self.router, allowed)))
+        states = self.services.backends.model_states() if self.services.backends else None
+        await req.respond(200, orjson.dumps(model_list.listing(self.router, allowed, states)))
 
     async def _model(self, req: Request, model_id: str) -> None:
         if req.method != "GET":
@@ -416,6 +421,52 @@ class Gateway:
         if route is None or (principal is not None and not principal.may_use(model_id)):
             raise _model_not_found(model_id)
         await req.respond(200, orjson.dumps(model_list.model_object(model_id, route)))
+
+    async def _deployments(self, route: Route) -> list[Deployment]:
+        """A route's deployments; for a managed model, its ready instances (starting one)."""
+        if not route.managed:
+            return route.deployments
+        manager = self.services.backends
+        if manager is None:
+            raise GatewayError(503, "The gateway is starting.", code="not_ready")
+        model = route.name
+        cold = manager.on_request(model)
+        if cold is not None:
+            wait = manager.cold_wait(model)
+            ready = wait > 0 and cold.state != "failed" and await manager.wait_ready(model, wait)
+            if not ready:
+                raise GatewayError(
+                    503,
+                    cold.message,
+                    code="model_failed" if cold.state == "failed" else "model_not_ready",
+                    type="service_unavailable",
+                    headers={"Retry-After": str(cold.retry_after)},
+                )
+        deployments = manager.deployments(model)
+        if not deployments:
+            raise GatewayError(
+                503,
+                f"No instance of {model!r} is ready yet.",
+                code="model_not_ready",
+                type="service_unavailable",
+                headers={"Retry-After": "5"},
+            )
+        return deployments
+
+    async def _internal(self, req: Request) -> None:
+        """Workers of managed models register and report their load here (per-job secret)."""
+        manager = self.services.backends
+        if manager is None or req.method != "POST":
+            raise GatewayError(404, f"Invalid URL ({req.method} {req.path}).", code="unknown_url")
+        payload = _json_object(await req.body(self.limit))
+        secret = (req.api_key or b"").decode("latin-1")
+        if req.path.endswith("/register"):
+            status, body = await manager.handle_register(payload, secret)
+        elif req.path.endswith("/telemetry"):
+            status, body = await manager.handle_telemetry(payload, secret)
+        else:
+            raise GatewayError(404, f"Invalid URL ({req.method} {req.path}).", code="unknown_url")
+        await req.respond(status, orjson.dumps(body))
 
     async def _admin(self, req: Request) -> None:
         """`/admin/...`: the admin API, when a database is configured."""
@@ -538,4 +589,9 @@ def create_app() -> Gateway:
     """uvicorn factory for worker processes: the configuration file is in `LMGATE_CONFIG`."""
     from lmgate.config.loader import load_config
 
-    return Gateway(load_config(os.environ["LMGATE_CONFIG"]))
+    config = load_config(os.environ["LMGATE_CONFIG"])
+    listen = os.environ.get("LMGATE_LISTEN")
+    if listen:  # `lmgate serve --host/--port` given on the command line
+        host, _, port = listen.rpartition(":")
+        config.server.host, config.server.port = host, int(port)
+    return Gateway(config)

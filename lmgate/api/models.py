@@ -23,12 +23,25 @@ def model_object(model_id: str, route: Route) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": _STARTED, "owned_by": route.owned_by}
 
 
-def listing(router: Router, allowed: Callable[[str], bool] | None = None) -> dict[str, Any]:
-    """OpenAI's `ListModelsResponse` for every listed route (that `allowed` admits)."""
+def listing(
+    router: Router,
+    allowed: Callable[[str], bool] | None = None,
+    states: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """OpenAI's `ListModelsResponse` for every listed route (that `allowed` admits).
+
+    Managed models carry their state (ready, starting, cold, failed) in `lmgate_backend`.
+    """
     routes = router.listed()
     if allowed is not None:
         routes = [r for r in routes if allowed(r.name)]
-    return {"object": "list", "data": [model_object(r.name, r) for r in routes]}
+    data = []
+    for r in routes:
+        entry = model_object(r.name, r)
+        if r.managed and states is not None and r.name in states:
+            entry["lmgate_backend"] = states[r.name]
+        data.append(entry)
+    return {"object": "list", "data": data}
 
 
 async def discover(provider: Provider, router: Router, timeout: float = 10.0) -> None:

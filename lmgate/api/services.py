@@ -18,13 +18,16 @@ from lmgate.accounting.prices import PriceBook, load_overrides
 from lmgate.accounting.shared_budgets import SharedTotals
 from lmgate.api.http import Receive, Scope, Send
 from lmgate.auth.keys import KeyCache, Principal
-from lmgate.config.schema import GatewayConfig
+from lmgate.backends.config import BackendConfig
+from lmgate.backends.manager import BackendManager
+from lmgate.config.schema import GatewayConfig, ProviderConfig
 from lmgate.limits.limiter import Limiter
 from lmgate.limits.redis_backend import RedisWindows
 from lmgate.observability import Metrics, RequestLog
 from lmgate.routing.deployment import Deployment
 from lmgate.routing.health import HealthChecker
 from lmgate.storage.db import Database, database_url
+from lmgate.upstream.provider import Provider
 
 log = logging.getLogger("lmgate")
 _PURGE_EVERY = 3600.0
@@ -42,6 +45,7 @@ class Services:
     health: HealthChecker | None = None
     admin: object | None = None
     ledger: Ledger | None = None
+    backends: BackendManager | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def admin_app(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -55,6 +59,8 @@ class Services:
             task.cancel()
         if self.health is not None:
             await self.health.close()
+        if self.backends is not None:
+            await self.backends.close()
         if self.ledger is not None:
             await drain()
             await self.ledger.close()
@@ -114,7 +120,8 @@ async def open_services(config: GatewayConfig, deployments: list[Deployment]) ->
         await services.health.start()
     budgets = None
     prices = PriceBook(config.accounting.prices)
-    if config.auth.enabled or config.accounting.enabled:
+    managed = {m.name: m.backend for m in config.models if m.backend is not None}
+    if config.auth.enabled or config.accounting.enabled or managed:
         db = services.db = Database(database_url(config))
         if config.database.migrate_on_start:
             await db.upgrade()
@@ -130,6 +137,9 @@ async def open_services(config: GatewayConfig, deployments: list[Deployment]) ->
             services._tasks.append(asyncio.create_task(_purge_loop(db, retention)))
         services.admin = _admin_app(config, db)
         log.info("database: %s", db.safe_url)
+        if managed:
+            services.backends = _backend_manager(config, managed, db)
+            await services.backends.start()
     if sinks or budgets is not None:
         warm = asyncio.get_running_loop().run_in_executor(None, warm_tokenizer)
         services._tasks.append(asyncio.ensure_future(warm))
@@ -137,6 +147,26 @@ async def open_services(config: GatewayConfig, deployments: list[Deployment]) ->
             prices, budgets, sinks, config.accounting.default_max_tokens
         )
     return services
+
+
+def _backend_manager(
+    config: GatewayConfig, managed: dict[str, BackendConfig], db: Database
+) -> BackendManager:
+    """The manager of the models lmgate launches; workers reach it at `backends.public_url`."""
+    s = config.server
+
+    def instance(url: str, upstream_model: str) -> Deployment:
+        provider = Provider(f"worker@{url}", ProviderConfig(base_url=url, wildcard=False))
+        return Deployment(provider, upstream_model)
+
+    return BackendManager(
+        managed,
+        config.backends,
+        db,
+        instance,
+        gateway_url=config.backends.public_url or f"http://{s.host}:{s.port}",
+        base_dir=config.base_dir,
+    )
 
 
 def _health_checker(

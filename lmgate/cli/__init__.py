@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from lmgate.backends.cli import backends_app
 from lmgate.cli import admin, doctor, init, keys, models, serve
 
 app = typer.Typer(
@@ -22,6 +23,7 @@ app.add_typer(admin.teams_app, name="teams")
 app.add_typer(keys.keys_app, name="keys")
 app.add_typer(keys.budgets_app, name="budgets")
 app.command("usage")(keys.usage)
+app.add_typer(backends_app, name="backends")
 
 
 @app.callback()

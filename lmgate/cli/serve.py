@@ -49,6 +49,7 @@ def serve(
     host = host or server.host
     port = server.port if port is None else port
     workers = workers or server.workers
+    server.host, server.port = host, port  # managed workers register at this address
     common = {
         "host": host,
         "port": port,
@@ -73,6 +74,7 @@ def serve(
         # Every worker writes its metrics where any of them can sum them for a scrape.
         atexit.register(cleanup_multiprocess_dir, prepare_multiprocess_dir())
         os.environ["LMGATE_CONFIG"] = str(path)
+        os.environ["LMGATE_LISTEN"] = f"{host}:{port}"
         uvicorn.run("lmgate.api.app:create_app", factory=True, workers=workers, **common)  # type: ignore[arg-type]
 
 

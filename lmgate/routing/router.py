@@ -20,6 +20,8 @@ class Route:
     deployments: list[Deployment]
     owned_by: str
     listed: bool = True
+    managed: bool = False
+    """Served by instances lmgate launches: the deployments come from the backend manager."""
 
 
 class Router:
@@ -31,6 +33,11 @@ class Router:
         self._patterns: list[tuple[str, Route]] = []
         self._dynamic: dict[str, Route] = {}
         for m in config.models:
+            if m.backend is not None:
+                self.routes[m.name] = Route(m.name, [], m.owned_by or "lmgate", managed=True)
+                for alias in m.aliases:
+                    self.routes[alias] = self.routes[m.name]
+                continue
             deployments = [
                 Deployment(
                     providers[d.provider],
