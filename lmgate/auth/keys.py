@@ -115,7 +115,17 @@ class KeyCache:
         now = time.monotonic()
         if self._negative.get(digest, 0.0) > now:
             return None
-        for principal, alive in await self._select(ApiKey.secret_hash == digest):
+        try:
+            found = await self._select(ApiKey.secret_hash == digest)
+        except Exception as e:  # the database is down: known keys still work, new ones wait
+            log.warning("key lookup failed: %s", type(e).__name__)
+            raise GatewayError(
+                503,
+                "This API key cannot be checked right now; try again shortly.",
+                code="auth_unavailable",
+                headers={"Retry-After": "5"},
+            ) from None
+        for principal, alive in found:
             if alive:
                 self._store(principal, alive)
                 return principal

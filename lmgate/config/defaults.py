@@ -48,6 +48,7 @@ def embedded_config(env: Mapping[str, str], demo_url: str | None, ollama: bool) 
         # A first run needs no key; its ledger lives in the current directory.
         "auth": {"enabled": False},
         "database": {"url": f"sqlite+aiosqlite:///{Path.cwd() / 'lmgate.db'}"},
+        "accounting": {"spool_path": str(Path.cwd() / "lmgate-ledger.spool")},
         "providers": providers,
         "models": models,
     }
