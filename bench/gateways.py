@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from loadgen import CommandLog
 from proctree import Service, free_port, spawn, stop, wait_http
-from upstreams import litellm_conf, lmgate_conf
+from upstreams import accounting_db, litellm_conf, lmgate_conf
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 LITELLM_VENV = BENCH_DIR / ".venv-litellm"
+BENCH_USER = "bench"
+BENCH_BUDGET = "1000000"
 
 
 @dataclass(frozen=True)
@@ -36,21 +41,31 @@ class Gateway:
 
 @dataclass
 class Running:
-    """A started gateway and the URL it serves on."""
+    """A started gateway, the URL it serves on, and the key clients must send (if any)."""
 
     service: Service
     url: str
     config: Path
+    api_key: str | None = None
+    database: Path | None = None
+
+
+def lmgate_cli() -> list[str]:
+    """The `lmgate` command: the console script if installed, else its entry function."""
+    script = Path(sys.executable).with_name("lmgate")
+    if script.exists():
+        return [str(script)]
+    entry = "import sys; from lmgate.cli import main; sys.argv[0] = 'lmgate'; sys.exit(main())"
+    return [sys.executable, "-c", entry]
 
 
 def default_lmgate_template() -> str:
     """`lmgate serve ...` via the console script if installed, else via its entry function."""
-    script = Path(sys.executable).with_name("lmgate")
     tail = "serve --config {config} --host {host} --port {port} --workers {workers}"
-    if script.exists():
-        return f"{shlex.quote(str(script))} {tail}"
-    entry = "import sys; from lmgate.cli import main; sys.argv[0] = 'lmgate'; sys.exit(main())"
-    return f"{{python}} -c {shlex.quote(entry)} {tail}"
+    cli = lmgate_cli()
+    if len(cli) == 1:
+        return f"{shlex.quote(cli[0])} {tail}"
+    return f"{{python}} -c {shlex.quote(cli[2])} {tail}"
 
 
 def lmgate(template: str | None) -> Gateway:
@@ -62,6 +77,51 @@ def lmgate(template: str | None) -> Gateway:
         health_path="/health",
         config_kind="lmgate",
     )
+
+
+def lmgate_accounting(template: str | None) -> Gateway:
+    """lmgate with keys, a budget and the ledger on (a user and key made with the CLI)."""
+    return Gateway(
+        name="lmgate-acct",
+        label="lmgate + keys, budget, ledger",
+        template=template or default_lmgate_template(),
+        health_path="/health",
+        config_kind="lmgate-accounting",
+    )
+
+
+def provision_key(config: Path, log: CommandLog) -> str:
+    """Create the user `bench` and a key with a budget, with the CLI; return the key."""
+    cli = [*lmgate_cli()]
+    _run_logged(log, [*cli, "users", "add", BENCH_USER, "--config", str(config)], quiet=True)
+    create = [
+        *cli, "keys", "create", "--user", BENCH_USER,
+        "--budget", BENCH_BUDGET, "--period", "month", "--config", str(config),
+    ]  # fmt: skip
+    out = _run_logged(log, create, quiet=True)
+    keys = [line for line in out.splitlines() if line.startswith("lmg-")]
+    if len(keys) != 1:
+        raise RuntimeError(f"`lmgate keys create` printed no key:\n{out}")
+    return keys[0]
+
+
+def read_ledger(db: Path) -> dict[str, Any]:
+    """What the ledger holds after the gateway stopped: rows, statuses, cost."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows, ok, cost, estimated = conn.execute(
+            "SELECT count(*), sum(status = 200), coalesce(sum(cost), 0), sum(estimated) "
+            "FROM usage_records"
+        ).fetchone()
+        statuses = dict(
+            conn.execute("SELECT status, count(*) FROM usage_records GROUP BY status").fetchall()
+        )
+    return {
+        "rows": rows,
+        "status_200": ok or 0,
+        "statuses": {str(k): v for k, v in statuses.items()},
+        "cost_usd": cost,
+        "estimated": estimated or 0,
+    }
 
 
 def litellm(version: str, api_key: str) -> Gateway:
@@ -99,17 +159,22 @@ def ensure_litellm(version: str, log: CommandLog) -> None:
     marker.touch()
 
 
-def _run_logged(log: CommandLog, cmd: list[str]) -> None:
+def _run_logged(log: CommandLog, cmd: list[str], quiet: bool = False) -> str:
     log.add(cmd)
-    print(f"# {shlex.join(cmd)}", file=sys.stderr)
-    subprocess.run(cmd, check=True)
+    if not quiet:
+        print(f"# {shlex.join(cmd)}", file=sys.stderr)
+    proc = subprocess.run(cmd, check=False, capture_output=quiet, text=True, cwd=REPO_DIR)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}): {proc.stderr or ''}")
+    return proc.stdout or ""
 
 
 def write_config(gw: Gateway, tmp: Path, port: int, nginx_port: int, stub_port: int) -> Path:
     """The config file the gateway is started with."""
     if gw.config_kind == "litellm":
         return litellm_conf(tmp, nginx_port, stub_port)
-    return lmgate_conf(tmp, port, nginx_port, stub_port)
+    accounting = gw.config_kind == "lmgate-accounting"
+    return lmgate_conf(tmp, port, nginx_port, stub_port, accounting=accounting)
 
 
 def start(
@@ -125,6 +190,10 @@ def start(
     """Start the gateway pinned to `cpus` and wait until its health check answers 200."""
     port = free_port()
     config = write_config(gw, tmp, port, nginx_port, stub_port)
+    api_key = database = None
+    if gw.config_kind == "lmgate-accounting":
+        api_key = provision_key(config, log)
+        database = accounting_db(tmp, port)
     fields = {
         "python": shlex.quote(sys.executable),
         "host": "127.0.0.1",
@@ -143,4 +212,4 @@ def start(
     except BaseException:
         stop(service)
         raise
-    return Running(service, url, config)
+    return Running(service, url, config, api_key, database)

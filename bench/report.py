@@ -291,6 +291,96 @@ def direct_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+ACCT_TARGET_US = 60.0
+"""Most CPU per request that keys, a budget and the ledger may add."""
+
+
+def _ledger_text(ledger: Any) -> str:
+    if not isinstance(ledger, dict) or "rows" not in ledger:
+        return "—"
+    statuses = ", ".join(f"{k}: {v:,}" for k, v in sorted(ledger.get("statuses", {}).items()))
+    return (
+        f"{ledger['rows']:,} records ({statuses}) for {ledger.get('requests_completed', 0):,} "
+        f"requests completed; ${ledger.get('cost_usd', 0.0):.4f}"
+    )
+
+
+def accounting_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Routing only against keys + budget + ledger: paired runs first, then the single runs."""
+    gws: dict[str, Any] = dig(doc, "results", "gateways") or {}
+    acc: dict[str, Any] = dig(doc, "results", "accounting") or {}
+    base, acct = gws.get("lmgate", {}), gws.get("lmgate-acct", {})
+    direct: dict[str, Any] = dig(doc, "results", "direct") or {}
+    header = ["figure", "routing only", "keys + budget + ledger", "difference", "target", ""]
+    rows: list[list[str]] = []
+    rounds = acc.get("rounds", "?")
+    for c in ("1", "16", "64"):
+        p = dig(acc, "by_concurrency", c) or {}
+        b, a = num(p.get("base_rps")), num(p.get("acct_rps"))
+        change = fmt(100 * (a / b - 1), "+.1f", " %") if a is not None and b else "—"
+        rows.append([f"requests/s @{c} (paired, median of {rounds})", fmt(b, ",.0f"),
+                     fmt(a, ",.0f"), change, "", ""])  # fmt: skip
+    for c in ("1", "16", "64"):
+        p = dig(acc, "by_concurrency", c) or {}
+        d = num(p.get("cpu_us_diff"))
+        spread = ", ".join(fmt(num(x), "+.0f") for x in p.get("cpu_us_diffs", []))
+        rows.append([
+            f"gateway CPU µs/request @{c} (paired)",
+            fmt(num(p.get("base_cpu_us")), ",.0f"),
+            fmt(num(p.get("acct_cpu_us")), ",.0f"),
+            f"{fmt(d, '+.0f')} (rounds: {spread})" if spread else fmt(d, "+.0f"),
+            f"≤ +{ACCT_TARGET_US:g}",
+            verdict(d, lambda v: v <= ACCT_TARGET_US),
+        ])  # fmt: skip
+    for c in ("1", "64"):
+        p = dig(acc, "by_concurrency", c) or {}
+        b, a = num(p.get("base_p50_ms")), num(p.get("acct_p50_ms"))
+        rows.append([f"latency p50 ms @{c} (paired)", fmt(b, ".2f"), fmt(a, ".2f"),
+                     fmt(diff(a, b), "+.2f"), "", ""])  # fmt: skip
+    for c in ("1", "16", "64"):
+        b, a = num(dig(base, "throughput", c, "rps")), num(dig(acct, "throughput", c, "rps"))
+        cb = num(dig(base, "throughput", c, "cpu_us_per_request"))
+        ca = num(dig(acct, "throughput", c, "cpu_us_per_request"))
+        rows.append([f"requests/s, CPU µs/request @{c} (separate runs)",
+                     f"{fmt(b, ',.0f')}, {fmt(cb, ',.0f')}", f"{fmt(a, ',.0f')}, {fmt(ca, ',.0f')}",
+                     f"CPU {fmt(diff(ca, cb), '+.0f')}", "", ""])  # fmt: skip
+    for c in ("1", "32"):
+        b, a = _ttft_added(base, direct, c)[1], _ttft_added(acct, direct, c)[1]
+        rows.append([f"TTFT added p50 ms @{c} streams", fmt(b, "+.2f"), fmt(a, "+.2f"),
+                     fmt(diff(a, b), "+.2f"), "", ""])  # fmt: skip
+    rb, ra = _rss(base), _rss(acct)
+    rows.append(["RSS growth MB over the long run", rb[1], ra[1], "", "< 10",
+                 verdict(ra[2], lambda v: v < 10)])  # fmt: skip
+    rows.append(["requests/s @64, N workers", _scaling(base)[0], _scaling(acct)[0], "", "", ""])
+    rows.append(["ledger after the separate runs", "", _ledger_text(acct.get("ledger")), "",
+                 "", ""])  # fmt: skip
+    rows.append(["ledger after the paired runs", "", _ledger_text(acc.get("ledger")), "", "", ""])
+    errors = sum(int(dig(acc, "by_concurrency", c, "errors") or 0) for c in ("1", "16", "64"))
+    foreign = [num(dig(acc, "by_concurrency", c, "foreign_cpu_pct_max")) for c in ("1", "16", "64")]
+    seen = [f for f in foreign if f is not None]
+    rows.append(["failed requests (paired runs)", "", f"{errors:,}", "", "0", ""])
+    rows.append(["CPU of other processes during paired runs, max % of a core", "",
+                 fmt(max(seen), ".0f", "%") if seen else "—", "", "≈ 0", ""])  # fmt: skip
+    return header, rows
+
+
+def accounting_section(doc: dict[str, Any]) -> str:
+    """The --accounting comparison, or nothing."""
+    if not dig(doc, "plan", "accounting"):
+        return ""
+    return "\n".join([
+        "## Keys, budgets and the ledger",
+        "",
+        "Routing only (`auth.enabled: false`, `accounting.enabled: false`) against a key sent "
+        "on every request, a budget on that key, prices for both models and the ledger in "
+        "SQLite (`flush_interval` 1 s). Paired: both gateways running at once on core 0, "
+        "measured in alternation.",
+        "",
+        table(*accounting_rows(doc)),
+        "",
+    ])  # fmt: skip
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -332,6 +422,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         table(*direct_rows(doc)),
         "",
+        accounting_section(doc),
         errors_section(doc),
         "## Commands",
         "",

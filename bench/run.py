@@ -1,8 +1,12 @@
 """lmgate benchmark: throughput, latency, CPU per request, TTFT and memory, vs LiteLLM.
 
-    .venv/bin/python bench/run.py [--quick] [--litellm] [--workers N] [--gateway-cmd TEMPLATE]
+    .venv/bin/python bench/run.py [--quick] [--litellm] [--accounting] [--workers N]
+                                  [--gateway-cmd TEMPLATE]
 
 Prints a Markdown report and writes bench/results/<timestamp>.{md,json}. See bench/README.md.
+With --accounting, lmgate is measured twice against the same upstreams: routing only (no keys,
+budgets or ledger), then with a key, a budget and the ledger on; the two are also measured in
+alternation, both running at once, for the difference in CPU per request.
 """
 
 from __future__ import annotations
@@ -20,15 +24,16 @@ import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import orjson
 
 import gateways
 import report
-from gateways import Gateway, Running
+from gateways import Gateway, Running, read_ledger
 from loadgen import CommandLog, run_ttft, run_wrk
 from proctree import (
     Service,
@@ -66,6 +71,8 @@ class Plan:
     ttft_chunks: int
     workers: int
     api_key: str
+    accounting: bool = False
+    paired_rounds: int = 0
 
 
 @dataclass
@@ -80,6 +87,12 @@ class Bench:
     stub_ok: bool
     stub_cmd: str
     upstream_pids: list[int]
+    sent: dict[str, int] = field(default_factory=dict)
+    """Requests completed per URL (warm-ups, preflights and streams included)."""
+
+    def count(self, url: str, n: int) -> None:
+        """Add `n` completed requests to `url`'s total."""
+        self.sent[url] = self.sent.get(url, 0) + n
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -99,6 +112,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         ttft_chunks=args.ttft_chunks,
         workers=args.workers,
         api_key=args.api_key,
+        accounting=args.accounting,
+        paired_rounds=args.paired_rounds or (2 if quick else 3),
     )
 
 
@@ -115,17 +130,31 @@ def known_cpu(bench: Bench, pid: int | None) -> tuple[float, float, float]:
     return gateway, ours, machine_busy_seconds()
 
 
+def wrk(
+    bench: Bench, url: str, concurrency: int, duration_s: int, key: str | None
+) -> dict[str, Any]:
+    """One wrk run, its completed requests counted against `url`."""
+    result = run_wrk(bench.log, url, concurrency, duration_s, api_key=key or bench.plan.api_key)
+    bench.count(url, result["requests"])
+    return result
+
+
 def wrk_measured(
-    bench: Bench, url: str, concurrency: int, pid: int | None, duration_s: int
+    bench: Bench,
+    url: str,
+    concurrency: int,
+    pid: int | None,
+    duration_s: int,
+    key: str | None = None,
 ) -> dict[str, Any]:
     """Warm up, then one measured wrk run bracketed by CPU samples.
 
     Besides the gateway's CPU per request, it records how much CPU processes not started
     by this harness used meanwhile (`foreign_cpu_pct`, % of one core): a noise indicator.
     """
-    run_wrk(bench.log, url, concurrency, bench.plan.warmup_s, api_key=bench.plan.api_key)
+    wrk(bench, url, concurrency, bench.plan.warmup_s, key)
     gw0, ours0, machine0 = known_cpu(bench, pid)
-    result = run_wrk(bench.log, url, concurrency, duration_s, api_key=bench.plan.api_key)
+    result = wrk(bench, url, concurrency, duration_s, key)
     gw1, ours1, machine1 = known_cpu(bench, pid)
     if pid:
         result.update(cpu_fields(gw0, gw1, result))
@@ -145,12 +174,12 @@ def cpu_fields(before: float, after: float, result: dict[str, Any]) -> dict[str,
 def throughput(bench: Bench, run: Running, concurrencies: tuple[int, ...]) -> dict[str, Any]:
     """Requests/s, latency and CPU per request at each concurrency."""
     return {
-        str(c): wrk_measured(bench, run.url, c, run.service.pid, bench.plan.measure_s)
+        str(c): wrk_measured(bench, run.url, c, run.service.pid, bench.plan.measure_s, run.api_key)
         for c in concurrencies
     }
 
 
-def ttft_once(bench: Bench, url: str, concurrency: int) -> dict[str, Any]:
+def ttft_once(bench: Bench, url: str, concurrency: int, key: str | None = None) -> dict[str, Any]:
     """One TTFT measurement (warm-up rounds included) with ttft.py on the client core."""
     plan = bench.plan
     res = run_ttft(
@@ -160,20 +189,23 @@ def ttft_once(bench: Bench, url: str, concurrency: int) -> dict[str, Any]:
         plan.ttft_rounds[concurrency],
         warmup=plan.ttft_warmup,
         max_seconds=plan.ttft_max_s,
-        api_key=plan.api_key,
+        api_key=key or plan.api_key,
         chunks=plan.ttft_chunks,
         cpus=LOADGEN_CPUS,
     )
+    bench.count(url, int(res.get("samples") or 0) + plan.ttft_warmup * concurrency)
     progress(f"  ttft c={concurrency}: p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms")
     return res
 
 
-def ttft_suite(bench: Bench, url: str) -> dict[str, Any]:
+def ttft_suite(bench: Bench, url: str, key: str | None = None) -> dict[str, Any]:
     """TTFT percentiles at each configured stream concurrency."""
-    return {str(c): ttft_once(bench, url, c) for c in bench.plan.ttft_rounds}
+    return {str(c): ttft_once(bench, url, c, key) for c in bench.plan.ttft_rounds}
 
 
-def soak_runs(bench: Bench, url: str, target: int, max_s: int, rate: float) -> dict[str, Any]:
+def soak_runs(
+    bench: Bench, url: str, target: int, max_s: int, rate: float, key: str | None = None
+) -> dict[str, Any]:
     """wrk runs at concurrency 64 until `target` requests are done or `max_s` has passed.
 
     wrk is bounded by time only, so each run's length is estimated from the rate so far.
@@ -184,9 +216,7 @@ def soak_runs(bench: Bench, url: str, target: int, max_s: int, rate: float) -> d
         if total["duration_s"]:
             rate = total["requests"] / total["duration_s"]
         wanted = math.ceil((target - total["requests"]) / max(rate, 1.0))
-        res = run_wrk(
-            bench.log, url, 64, int(min(left, max(1, wanted))), api_key=bench.plan.api_key
-        )
+        res = wrk(bench, url, 64, int(min(left, max(1, wanted))), key)
         for key in ("requests", "duration_s", "error_total"):
             total[key] += res[key]
         total["runs"] += 1
@@ -197,12 +227,12 @@ def soak_runs(bench: Bench, url: str, target: int, max_s: int, rate: float) -> d
 def soak(bench: Bench, run: Running, by_time: bool, rate: float) -> dict[str, Any]:
     """RSS of the gateway tree before and after a long run at concurrency 64."""
     plan = bench.plan
-    run_wrk(bench.log, run.url, 64, plan.warmup_s, api_key=plan.api_key)
+    wrk(bench, run.url, 64, plan.warmup_s, run.api_key)
     before = sample_tree(run.service.pid)
     if by_time:
-        result = soak_runs(bench, run.url, 2**62, plan.litellm_soak_s, rate)
+        result = soak_runs(bench, run.url, 2**62, plan.litellm_soak_s, rate, run.api_key)
     else:
-        result = soak_runs(bench, run.url, plan.soak_requests, plan.soak_max_s, rate)
+        result = soak_runs(bench, run.url, plan.soak_requests, plan.soak_max_s, rate, run.api_key)
     time.sleep(1.0)
     after = sample_tree(run.service.pid)
     result.update(cpu_fields(before.cpu_seconds, after.cpu_seconds, result))
@@ -253,8 +283,9 @@ def gateway_up(bench: Bench, gw: Gateway, workers: int, cpus: str) -> Iterator[R
         stop(run.service)
 
 
-def preflight(url: str, api_key: str, stream: bool) -> None:
+def preflight(bench: Bench, run: Running, stream: bool) -> None:
     """One real request (and one stream) must succeed, or the figures would be of errors."""
+    url, api_key = run.url, run.api_key or bench.plan.api_key
     cases = [("bench-model", False), ("stream-model", True)] if stream else [("bench-model", False)]
     for model, streaming in cases:
         body = orjson.dumps({**PREFLIGHT_BODY, "model": model, "stream": streaming})
@@ -271,6 +302,21 @@ def preflight(url: str, api_key: str, stream: bool) -> None:
         marker = b"data:" if streaming else b'"choices"'
         if marker not in text:
             raise RuntimeError(f"preflight {model}: unexpected answer {text[:300]!r}")
+        bench.count(url, 1)
+
+
+def ledger_check(bench: Bench, run: Running) -> dict[str, Any] | None:
+    """After an accounting gateway stopped: its ledger against the requests it completed."""
+    if run.database is None:
+        return None
+    ledger = read_ledger(run.database)
+    ledger["requests_completed"] = bench.sent.get(run.url, 0)
+    progress(
+        f"  ledger: {ledger['rows']:,} records ({ledger['status_200']:,} with status 200) "
+        f"for {ledger['requests_completed']:,} requests completed, "
+        f"${ledger['cost_usd']:.4f} in all"
+    )
+    return ledger
 
 
 def measure_gateway(bench: Bench, gw: Gateway) -> dict[str, Any]:
@@ -279,18 +325,20 @@ def measure_gateway(bench: Bench, gw: Gateway) -> dict[str, Any]:
     progress(f"{gw.label}: starting (1 worker, cpus {GATEWAY_CPUS})")
     try:
         with gateway_up(bench, gw, 1, GATEWAY_CPUS) as run:
-            preflight(run.url, bench.plan.api_key, bench.stub_ok)
+            preflight(bench, run, bench.stub_ok)
             out["rss_idle_mb"] = sample_tree(run.service.pid).rss_bytes / 2**20
             guarded("throughput", out, lambda: throughput(bench, run, bench.plan.concurrencies))
             if bench.stub_ok:
-                guarded("ttft", out, lambda: ttft_suite(bench, run.url))
+                guarded("ttft", out, lambda: ttft_suite(bench, run.url, run.api_key))
             rate = dig_rate(out)
             guarded("soak", out, lambda: soak(bench, run, gw.name == "litellm", rate))
+        if run.database is not None:
+            guarded("ledger", out, lambda: ledger_check(bench, run))
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
         progress(f"{gw.label} failed: {exc}")
         return out
-    if bench.plan.workers > 1 and gw.name == "lmgate":
+    if bench.plan.workers > 1 and gw.name.startswith("lmgate"):
         guarded("workers", out, lambda: scaling(bench, gw))
     return out
 
@@ -301,9 +349,65 @@ def scaling(bench: Bench, gw: Gateway) -> dict[str, Any]:
     cpus = ",".join(str(i) for i in range(min(n, os.cpu_count() or 1)))
     progress(f"{gw.label}: starting ({n} workers, cpus {cpus})")
     with gateway_up(bench, gw, n, cpus) as run:
-        preflight(run.url, bench.plan.api_key, stream=False)
+        preflight(bench, run, stream=False)
         res = throughput(bench, run, tuple(c for c in bench.plan.concurrencies if c > 1))
     return {"workers": n, "cpus": cpus, "throughput": res}
+
+
+def paired(bench: Bench, base: Gateway, acct: Gateway) -> dict[str, Any]:
+    """Both gateways up at once on the gateway core, measured in alternation.
+
+    At each concurrency, `paired_rounds` rounds of one measured wrk run per gateway (the
+    order flips every round), so that slow drifts and other people's load hit both alike.
+    The difference is the median over rounds of (accounting - routing only).
+    """
+    plan = bench.plan
+    progress(f"paired runs: {base.label} and {acct.label}, {plan.paired_rounds} rounds each")
+    out: dict[str, Any] = {"rounds": plan.paired_rounds, "by_concurrency": {}}
+    with (
+        gateway_up(bench, base, 1, GATEWAY_CPUS) as a,
+        gateway_up(bench, acct, 1, GATEWAY_CPUS) as b,
+    ):
+        for run in (a, b):
+            preflight(bench, run, stream=False)
+        for c in plan.concurrencies:
+            runs: dict[str, list[dict[str, Any]]] = {base.name: [], acct.name: []}
+            for r in range(plan.paired_rounds):
+                order = [(base, a), (acct, b)] if r % 2 == 0 else [(acct, b), (base, a)]
+                for gw, run in order:
+                    progress(f"  {gw.name} round {r + 1}:")
+                    runs[gw.name].append(
+                        wrk_measured(
+                            bench, run.url, c, run.service.pid, plan.measure_s, run.api_key
+                        )
+                    )
+            out["by_concurrency"][str(c)] = summarise_pairs(runs[base.name], runs[acct.name])
+    out["ledger"] = ledger_check(bench, b)
+    return out
+
+
+def summarise_pairs(base: list[dict[str, Any]], acct: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians of CPU per request and requests/s for each side, and of the paired differences."""
+
+    def med(runs: list[dict[str, Any]], key: str) -> float:
+        return median(float(r[key]) for r in runs)
+
+    cpu_diffs = [
+        y["cpu_us_per_request"] - x["cpu_us_per_request"] for x, y in zip(base, acct, strict=True)
+    ]
+    return {
+        "base_cpu_us": med(base, "cpu_us_per_request"),
+        "acct_cpu_us": med(acct, "cpu_us_per_request"),
+        "cpu_us_diff": median(cpu_diffs),
+        "cpu_us_diffs": cpu_diffs,
+        "base_rps": med(base, "rps"),
+        "acct_rps": med(acct, "rps"),
+        "base_p50_ms": med(base, "p50_ms"),
+        "acct_p50_ms": med(acct, "p50_ms"),
+        "errors": sum(int(r["error_total"]) for r in [*base, *acct]),
+        "foreign_cpu_pct_max": max(float(r["foreign_cpu_pct"]) for r in [*base, *acct]),
+        "runs": {"base": base, "acct": acct},
+    }
 
 
 def direct(bench: Bench) -> dict[str, Any]:
@@ -382,6 +486,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--litellm", action="store_true", help="also measure LiteLLM's proxy")
     p.add_argument("--litellm-version", default="1.106.2")
     p.add_argument(
+        "--accounting",
+        action="store_true",
+        help="measure lmgate twice: routing only, then with a key, a budget and the ledger",
+    )
+    p.add_argument(
+        "--paired-rounds",
+        type=int,
+        help="with --accounting: alternating rounds per concurrency (default 3, quick 2)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=2,
@@ -423,6 +537,8 @@ def check_tools() -> None:
 def run_all(args: argparse.Namespace, plan: Plan, tmp: Path, log: CommandLog) -> dict[str, Any]:
     """Start the upstreams, measure direct and each gateway, stop everything."""
     targets = [gateways.lmgate(args.gateway_cmd)]
+    if args.accounting:
+        targets.append(gateways.lmgate_accounting(args.gateway_cmd))
     if args.litellm:
         gateways.ensure_litellm(args.litellm_version, log)
         targets.append(gateways.litellm(args.litellm_version, args.api_key))
@@ -437,6 +553,8 @@ def run_all(args: argparse.Namespace, plan: Plan, tmp: Path, log: CommandLog) ->
         results: dict[str, Any] = {"direct": direct(bench), "gateways": {}}
         for gw in targets:
             results["gateways"][gw.name] = measure_gateway(bench, gw)
+        if args.accounting:
+            guarded("accounting", results, lambda: paired(bench, targets[0], targets[1]))
         return results
 
 

@@ -75,13 +75,43 @@ http {{
     return path
 
 
-def lmgate_conf(tmp: Path, port: int, nginx_port: int, stub_port: int) -> Path:
-    """Write the lmgate YAML config: bench-model -> nginx, stream-model -> SSE stub."""
+# Prices for the benchmark's models (the gpt-4o-mini list price), so that every request is
+# priced: the budget reservation and the cost computation really run.
+BENCH_PRICE = "{input: 0.15, output: 0.60, cached_input: 0.075}"
+
+
+def lmgate_conf(
+    tmp: Path, port: int, nginx_port: int, stub_port: int, accounting: bool = False
+) -> Path:
+    """Write the lmgate YAML config: bench-model -> nginx, stream-model -> SSE stub.
+
+    Without `accounting`: routing only (no keys, no budgets, no ledger). With it: keys
+    required, a SQLite database and a ledger in `tmp` (one database per gateway start), and
+    both models priced.
+    """
+    if accounting:
+        extra = f"""database:
+  url: sqlite+aiosqlite:///{accounting_db(tmp, port)}
+auth:
+  enabled: true
+accounting:
+  enabled: true
+  spool_path: {tmp}/lmgate-ledger-{port}.spool
+  prices:
+    bench-model: {BENCH_PRICE}
+    stream-model: {BENCH_PRICE}
+"""
+    else:
+        extra = """auth:
+  enabled: false
+accounting:
+  enabled: false
+"""
     conf = f"""server:
   host: 127.0.0.1
   port: {port}
   access_log: false
-providers:
+{extra}providers:
   upstream:
     type: openai
     base_url: http://127.0.0.1:{nginx_port}/v1
@@ -99,6 +129,11 @@ models:
     path = tmp / f"lmgate-{port}.yaml"
     path.write_text(conf)
     return path
+
+
+def accounting_db(tmp: Path, port: int) -> Path:
+    """The SQLite database of the accounting gateway started on `port`."""
+    return tmp / f"lmgate-{port}.db"
 
 
 def litellm_conf(tmp: Path, nginx_port: int, stub_port: int) -> Path:

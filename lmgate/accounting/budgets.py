@@ -1,10 +1,11 @@
 """Budgets on the hot path: reserve a request's maximum cost before forwarding, settle after.
 
 Every budget that applies to a key (its own, its user's, its team's) is held in memory with
-its spend in the current period. A reservation is a synchronous check-and-add, so requests
-running concurrently in one process can never together exceed a budget by more than one
-request's reservation. Budgets and their spend are (re)loaded from the database at start and
-whenever a budget changes; shared totals across replicas come with Redis.
+its spend in the current period. A reservation is a check-and-add, so requests running
+concurrently can never together exceed a budget by more than one request's reservation:
+in this process, or — with `limits.redis_url` — across every replica, whose running totals
+are then kept in Redis (`shared_budgets`). Budgets and their spend are (re)loaded from the
+database at start and whenever a budget changes.
 """
 
 from __future__ import annotations

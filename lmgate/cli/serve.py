@@ -38,12 +38,16 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes.")] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="debug, info, warning, error (default: observability.log_level)."),
+    ] = None,
 ) -> None:
     """Run the gateway. Without --config: embedded defaults and a local demo model."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=(log_level or "info").upper(), format="%(message)s")
     path = config if config is not None else _write_embedded()
     cfg = load_or_exit(path)
+    log_level = log_level or cfg.observability.log_level
     configure_logging(log_level, cfg.observability.log_format == "json")
     server = cfg.server
     host = host or server.host
