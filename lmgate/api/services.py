@@ -187,7 +187,7 @@ def _health_checker(
 async def _open_budgets(config: GatewayConfig, db: Database) -> tuple[BudgetBook, PriceBook]:
     limits = config.limits
     shared = SharedTotals.from_url(limits.redis_url) if limits.redis_url else None
-    budgets = BudgetBook(db.engine, shared=shared, fail_closed=limits.on_redis_failure == "closed")
+    budgets = BudgetBook(db.reader, shared=shared, fail_closed=limits.on_redis_failure == "closed")
     await budgets.start()
     prices = PriceBook(config.accounting.prices, await load_overrides(db.engine))
     return budgets, prices

@@ -72,7 +72,7 @@ class KeyCache:
 
     def __init__(self, db: Database, refresh_interval: float = 0.5) -> None:
         self.db = db
-        self.engine = db.engine
+        self.engine = db.reader
         self.refresh_interval = refresh_interval
         self._by_hash: dict[str, Principal] = {}
         self._by_id: dict[int, Principal] = {}

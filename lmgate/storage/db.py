@@ -59,8 +59,13 @@ class Database:
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self.sqlite_path = parsed.database if self.is_sqlite and _is_file(parsed.database) else None
         self.engine: AsyncEngine = create_async_engine(url, **engine_args)
+        self.reader: AsyncEngine = self.engine
+        """For read-only work (the gateway's polls): on SQLite, deferred transactions that do
+        not queue behind writers for the write lock."""
         if self.is_sqlite:
-            _configure_sqlite(self.engine)
+            _configure_sqlite(self.engine, immediate=True)
+            self.reader = create_async_engine(url, **engine_args)
+            _configure_sqlite(self.reader, immediate=False)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
     def __repr__(self) -> str:
@@ -90,6 +95,8 @@ class Database:
     async def close(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+        if self.reader is not self.engine:
+            await self.reader.dispose()
 
 
 def _upgrade_sync(conn: Connection, revision: str, pg_lock: bool) -> None:
@@ -113,11 +120,12 @@ def _is_file(database: str | None) -> bool:
     return bool(database) and database != ":memory:" and not (database or "").startswith("file:")
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
-    """WAL, a busy timeout, foreign keys, and `BEGIN IMMEDIATE` transactions.
+def _configure_sqlite(engine: AsyncEngine, immediate: bool) -> None:
+    """WAL, a busy timeout, foreign keys, and (`immediate`) `BEGIN IMMEDIATE` transactions.
 
     Immediate transactions take the write lock up front, so that a transaction that reads
     and then writes waits for other writers instead of failing with "database is locked".
+    Readers use deferred transactions: in WAL mode they never wait for writers.
     """
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -130,6 +138,8 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cur.execute("PRAGMA synchronous = NORMAL")
         cur.close()
 
+    begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql(begin)
