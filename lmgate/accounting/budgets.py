@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from redis.exceptions import RedisError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from lmgate.accounting.shared_budgets import SharedTotals
 from lmgate.api.errors import GatewayError
 from lmgate.auth.keys import Principal
+from lmgate.limits.resp import RespError
 from lmgate.storage.budgets import next_reset, period_start, spent
 from lmgate.storage.models import ApiKey, Budget, Team, User
 
@@ -119,7 +119,7 @@ class BudgetBook:
         assert self.shared is not None
         try:
             short, spent_, reserved = await self.shared.reserve(states, amount)
-        except (RedisError, OSError) as e:
+        except (RespError, OSError) as e:
             if self.fail_closed:
                 raise GatewayError(
                     503,
@@ -195,7 +195,7 @@ class BudgetBook:
         if self.shared is not None:
             try:
                 await self.shared.seed(state)
-            except (RedisError, OSError) as e:
+            except (RespError, OSError) as e:
                 log.warning("could not seed budget totals in Redis: %s", type(e).__name__)
 
     async def _label(self, scope: str, scope_id: int) -> str:

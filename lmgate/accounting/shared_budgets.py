@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
+from lmgate.limits.resp import RespClient, Script
 
 if TYPE_CHECKING:
     from lmgate.accounting.budgets import BudgetState
@@ -53,14 +53,14 @@ return 0
 class SharedTotals:
     """The Redis side of `BudgetBook`."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RespClient) -> None:
         self.client = client
-        self._reserve = client.register_script(_RESERVE)
-        self._settle = client.register_script(_SETTLE)
+        self._reserve = Script(_RESERVE)
+        self._settle = Script(_SETTLE)
 
     @classmethod
     def from_url(cls, url: str) -> SharedTotals:
-        return cls(aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5))
+        return cls(RespClient(url))
 
     @staticmethod
     def key(st: BudgetState) -> str:
@@ -70,8 +70,8 @@ class SharedTotals:
     async def seed(self, st: BudgetState) -> None:
         """Start the period's totals from the ledger, unless another replica already did."""
         key = self.key(st)
-        await self.client.hsetnx(key, "spent", repr(st.spent))
-        await self.client.expire(key, _ttl(st))
+        await self.client.execute("HSETNX", key, "spent", repr(st.spent))
+        await self.client.execute("EXPIRE", key, _ttl(st))
 
     async def reserve(
         self, states: tuple[BudgetState, ...], amount: float
@@ -80,16 +80,16 @@ class SharedTotals:
         args: list[float | int] = [amount]
         for st in states:
             args += [st.amount, _ttl(st)]
-        result = await self._reserve(keys=[self.key(st) for st in states], args=args)
+        result = await self.client.evalsha(self._reserve, [self.key(st) for st in states], args)
         if int(result[0]) == 0:
             return 0, 0.0, 0.0
         return int(result[0]), float(result[1]), float(result[2])
 
     async def settle(self, states: tuple[BudgetState, ...], amount: float, cost: float) -> None:
-        await self._settle(keys=[self.key(st) for st in states], args=[amount, cost])
+        await self.client.evalsha(self._settle, [self.key(st) for st in states], [amount, cost])
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.client.close()
 
 
 def _ttl(st: BudgetState) -> int:

@@ -7,11 +7,11 @@ dies mid-request cannot hold a slot for more than ten minutes.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from lmgate.limits.resp import RespClient, RespError, Script
 
 if TYPE_CHECKING:
     from lmgate.limits.limiter import Check, Outcome
@@ -79,14 +79,14 @@ class RedisUnavailable(Exception):
 class RedisWindows:
     """The shared windows, with a short back-off after a failure so requests stay fast."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RespClient) -> None:
         self.client = client
-        self._script = client.register_script(_ADMIT)
+        self._script = Script(_ADMIT)
         self._down_until = 0.0
 
     @classmethod
     def from_url(cls, url: str) -> RedisWindows:
-        return cls(aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5))
+        return cls(RespClient(url))
 
     def available(self, now: float) -> bool:
         """False for a moment after a failure: meanwhile limits are per process."""
@@ -100,8 +100,8 @@ class RedisWindows:
         for c in checks:
             args += [c.kind, c.limit, c.cost, request_id]
         try:
-            result = await self._script(keys=keys, args=args)
-        except (RedisError, OSError) as e:
+            result = await self.client.evalsha(self._script, keys, args)
+        except (RespError, OSError) as e:
             self._failed()
             raise RedisUnavailable(type(e).__name__) from None
         values = [int(v) for v in result]
@@ -111,20 +111,22 @@ class RedisWindows:
         return Outcome(None, values[1 : 1 + n], values[1 + n : 1 + 2 * n])
 
     async def settle(self, checks: list[Check], request_id: str, tokens: int, now: int) -> None:
-        """Correct token estimates and free in-flight slots, in one pipeline."""
-        pipe = self.client.pipeline(transaction=False)
+        """Correct token estimates and free in-flight slots (pipelined on one connection)."""
+        commands = []
         for c in checks:
             if c.kind == "c":
-                pipe.zrem(PREFIX + c.name, request_id)
+                commands.append(self.client.execute("ZREM", PREFIX + c.name, request_id))
             elif c.kind == "t" and tokens != c.cost:
-                pipe.hincrby(PREFIX + c.name, str(now), tokens - c.cost)
+                commands.append(
+                    self.client.execute("HINCRBY", PREFIX + c.name, now, tokens - c.cost)
+                )
         try:
-            await pipe.execute()
-        except (RedisError, OSError):
+            await asyncio.gather(*commands)
+        except (RespError, OSError):
             self._failed()
 
     def _failed(self) -> None:
         self._down_until = time.time() + _RETRY_AFTER_FAILURE
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.client.close()
