@@ -15,8 +15,8 @@ from typing import Any
 
 from lmgate.adapters.base import Adapter, Context, StreamConverter, UpstreamCall
 from lmgate.api import relay
-from lmgate.api.errors import GatewayError, sse_error_event
-from lmgate.api.http import JSON, ClientGone, Headers, Request
+from lmgate.api.errors import GatewayError
+from lmgate.api.http import JSON, ClientGone, Request
 from lmgate.routing.deployment import Deployment
 from lmgate.upstream.client import UpstreamError, UpstreamResponse
 
@@ -144,7 +144,7 @@ async def stream(
             if not out:
                 continue
             if not started:
-                await _start(req, resp.status, content_type, call.headers)
+                await relay.start_stream(req, resp.status, call.headers, content_type)
                 started = True
             await send({"type": "http.response.body", "body": out, "more_body": True})
         out = converter.finish()
@@ -152,7 +152,7 @@ async def stream(
             out = (observer.chunk(out) if out else b"") + observer.chunk(b"")
         if out:
             if not started:
-                await _start(req, resp.status, content_type, call.headers)
+                await relay.start_stream(req, resp.status, call.headers, content_type)
                 started = True
             await send({"type": "http.response.body", "body": out, "more_body": True})
         if converter.error is not None:
@@ -173,17 +173,7 @@ async def stream(
         )
     finally:
         watcher.cancel()
-    if failure is not None:
-        log.warning("stream from %s broke: %s", dep.label, failure.message)
-        if not started:
-            raise failure
-        if observer is not None:
-            observer.failed(failure)
-        event = sse_error_event(failure)
-        await send({"type": "http.response.body", "body": event, "more_body": True})
-    if not started:
-        await _start(req, resp.status, content_type, call.headers)
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await relay.end_stream(req, call, dep, resp.status, failure, started, content_type)
 
 
 def _reported(envelope: dict[str, Any], dep: Deployment) -> GatewayError:
@@ -196,18 +186,6 @@ def _reported(envelope: dict[str, Any], dep: Deployment) -> GatewayError:
         str(error.get("message") or f"Provider {dep.provider.name!r} failed mid-stream."),
         code=str(code) if code is not None else "upstream_error",
     )
-
-
-async def _start(req: Request, status: int, content_type: bytes, extra: Headers | None) -> None:
-    headers: Headers = [
-        (b"content-type", content_type),
-        (b"cache-control", b"no-cache"),
-        (b"x-accel-buffering", b"no"),
-        (b"x-request-id", req.request_id),
-    ]
-    if extra:
-        headers.extend(extra)
-    await req.send({"type": "http.response.start", "status": status, "headers": headers})
 
 
 # -- native requests: the provider's own format, passed through -------------------------------

@@ -22,6 +22,7 @@ log = logging.getLogger("lmgate.relay")
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504, 529})  # 529: Anthropic overloaded
 _URL = re.compile(r"https?://[^\s\"'<>]+")
 _SSE = b"text/event-stream"
+_SSE_TYPE = b"text/event-stream; charset=utf-8"
 
 
 @dataclass(slots=True)
@@ -247,13 +248,13 @@ async def _relay_stream(req: Request, call: Call, resp: UpstreamResponse, dep: D
                 if not chunk:
                     continue
             if not started:
-                await _start_stream(req, resp.status, call.headers)
+                await start_stream(req, resp.status, call.headers)
                 started = True
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         rest = observer.chunk(b"") if observer is not None else b""
         if rest:
             if not started:
-                await _start_stream(req, resp.status, call.headers)
+                await start_stream(req, resp.status, call.headers)
                 started = True
             await send({"type": "http.response.body", "body": rest, "more_body": True})
         if call.expects_done and not tail.rstrip().endswith(b"[DONE]"):
@@ -264,22 +265,39 @@ async def _relay_stream(req: Request, call: Call, resp: UpstreamResponse, dep: D
         failure = _timeout_error(dep) if isinstance(e, TimeoutError) else _broken(dep)
     finally:
         watcher.cancel()
+    await end_stream(req, call, dep, resp.status, failure, started)
+
+
+async def end_stream(
+    req: Request,
+    call: Call,
+    dep: Deployment,
+    status: int,
+    failure: GatewayError | None,
+    started: bool,
+    content_type: bytes = _SSE_TYPE,
+) -> None:
+    """Close a relayed stream: a broken one ends with an error event (or, if nothing was
+    sent yet, raises the error for an ordinary error response)."""
     if failure is not None:
         log.warning("stream from %s broke: %s", dep.label, failure.message)
         if not started:
             raise failure
-        if observer is not None:
-            observer.failed(failure)
+        if call.observer is not None:
+            call.observer.failed(failure)
         event = sse_error_event(failure)
-        await send({"type": "http.response.body", "body": event, "more_body": True})
+        await req.send({"type": "http.response.body", "body": event, "more_body": True})
     if not started:
-        await _start_stream(req, resp.status, call.headers)
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await start_stream(req, status, call.headers, content_type)
+    await req.send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def _start_stream(req: Request, status: int, extra: Headers | None) -> None:
+async def start_stream(
+    req: Request, status: int, extra: Headers | None, content_type: bytes = _SSE_TYPE
+) -> None:
+    """The response head of a stream."""
     headers: Headers = [
-        (b"content-type", b"text/event-stream; charset=utf-8"),
+        (b"content-type", content_type),
         (b"cache-control", b"no-cache"),
         (b"x-accel-buffering", b"no"),
         (b"x-request-id", req.request_id),
