@@ -58,6 +58,10 @@ class Database:
         self.safe_url = parsed.render_as_string(hide_password=True)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self.sqlite_path = parsed.database if self.is_sqlite and _is_file(parsed.database) else None
+        if self.is_sqlite and self.sqlite_path:
+            # One writer at a time anyway; each pooled connection keeps its own page cache
+            # (2 MiB) and thread, so a small pool bounds the memory.
+            engine_args = {"pool_size": 2, "max_overflow": 2, **engine_args}
         self.engine: AsyncEngine = create_async_engine(url, **engine_args)
         self.reader: AsyncEngine = self.engine
         """For read-only work (the gateway's polls): on SQLite, deferred transactions that do
