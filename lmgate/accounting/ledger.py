@@ -15,10 +15,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import chain
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -101,16 +104,34 @@ def _storable(row: Row) -> Row:
     return row
 
 
-def _insert_sql(paramstyle: str) -> str:
-    """The ledger's INSERT, idempotent on `request_id`, in the driver's parameter style."""
+_SQLITE_ROWS = 256 if sqlite3.sqlite_version_info >= (3, 32, 0) else 32
+"""Rows per SQLite INSERT, within its limit on parameters (32766 since 3.32, 999 before)."""
+
+
+def _insert_sql(paramstyle: str, rows: int = 1) -> str:
+    """The ledger's INSERT of `rows` rows, idempotent on `request_id`, in the driver's
+    parameter style."""
     n = len(_COLUMNS)
-    marks = [f"${i}" for i in range(1, n + 1)] if paramstyle == "numeric_dollar" else ["?"] * n
-    if paramstyle not in ("numeric_dollar", "qmark"):
-        marks = ["%s"] * n
+    if paramstyle == "numeric_dollar":
+        groups = (", ".join(f"${r * n + i}" for i in range(1, n + 1)) for r in range(rows))
+    else:
+        mark = "?" if paramstyle == "qmark" else "%s"
+        groups = (", ".join([mark] * n) for _ in range(rows))
+    values = ", ".join(f"({g})" for g in groups)
     return (
-        f"INSERT INTO {_USAGE.name} ({', '.join(_COLUMNS)}) VALUES ({', '.join(marks)}) "
+        f"INSERT INTO {_USAGE.name} ({', '.join(_COLUMNS)}) VALUES {values} "
         "ON CONFLICT (request_id) DO NOTHING"
     )
+
+
+def _chunks(values: list[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
+    """`values` in runs of power-of-two sizes up to `_SQLITE_ROWS`: few distinct statements
+    to prepare, each one cached by the driver."""
+    i = 0
+    while i < len(values):
+        size = min(_SQLITE_ROWS, 1 << ((len(values) - i).bit_length() - 1))
+        yield values[i : i + size]
+        i += size
 
 
 def _upsert_ignore(dialect: str, table: Table, key: str) -> Insert:
@@ -186,6 +207,9 @@ class Ledger:
         dialect = self.engine.dialect.name
         self._sqlite = dialect == "sqlite"
         self._usage_sql = _insert_sql(self.engine.dialect.paramstyle)
+        self._sqlite_sql = {
+            1 << k: _insert_sql("qmark", 1 << k) for k in range(_SQLITE_ROWS.bit_length())
+        }
         self._insert_bodies = _upsert_ignore(dialect, _BODIES, "request_id")
         self._queue: deque[LedgerEntry] = deque()
         self._inflight: list[Row] = []
@@ -265,6 +289,8 @@ class Ledger:
                     self._failed(e)
                     await self._spool(self._inflight)
             self._inflight = []
+            if len(self._queue) < self.batch_size and not self._closing:
+                break  # the rest, queued while writing, waits for the next tick or a full batch
 
     async def _write(self, rows: list[Row]) -> None:
         bodies = [
@@ -281,9 +307,16 @@ class Ledger:
         ]
         values = [self._values(r) for r in rows]
         async with asyncio.timeout(self.write_timeout), self.engine.begin() as conn:
-            # The driver's own executemany: SQLAlchemy's per-row parameter processing would
+            # The driver's own statements: SQLAlchemy's per-row parameter processing would
             # cost several times more CPU than the insert itself.
-            await conn.exec_driver_sql(self._usage_sql, values)
+            if self._sqlite:
+                # Multi-row INSERTs: sqlite3's executemany releases and re-takes the GIL for
+                # every row, each time a context switch with the event loop's thread.
+                for chunk in _chunks(values):
+                    params = tuple(chain.from_iterable(chunk))
+                    await conn.exec_driver_sql(self._sqlite_sql[len(chunk)], params)
+            else:
+                await conn.exec_driver_sql(self._usage_sql, values)
             if bodies:
                 await conn.execute(self._insert_bodies, bodies)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -16,6 +18,26 @@ Headers = list[tuple[bytes, bytes]]
 
 JSON = b"application/json"
 _MAX_REQUEST_ID = 128
+_MAX_RECORD_ID = 128
+"""The ledger's `request_id` column."""
+_tag = os.urandom(4).hex()
+_counter = itertools.count()
+
+
+def _retag() -> None:
+    global _tag, _counter
+    _tag, _counter = os.urandom(4).hex(), itertools.count()
+
+
+os.register_at_fork(after_in_child=_retag)
+
+
+def new_request_id() -> bytes:
+    """A request id unique across processes and replicas (a random tag per process and a
+    counter) that grows with time, so that the ledger's unique index is appended to, not
+    written all over: about half the insert cost of a random id. No system call either."""
+    count = next(_counter) & 0xFFFFFFFFFFFF
+    return f"{time.time_ns() // 1_000_000:012x}{_tag}{count:012x}".encode()
 
 
 class ClientGone(Exception):
@@ -67,14 +89,14 @@ class Request:
         self.content_length = content_length
         self.content_type = content_type
         self.timeout_header = timeout
-        own = os.urandom(12).hex().encode()
+        own = new_request_id()
         self.request_id: bytes = own
         """The client's `x-request-id` if it sent one, else the gateway's own."""
         self.record_id: bytes = own
         """Unique per request even when clients reuse ids: the ledger's key."""
         if request_id and len(request_id) <= _MAX_REQUEST_ID and request_id.isascii():
             self.request_id = request_id
-            self.record_id = request_id + b"." + own[:8]
+            self.record_id = request_id[: _MAX_RECORD_ID - len(own) - 1] + b"." + own
 
     def header(self, name: bytes) -> bytes | None:
         """A header the hot path does not read up front (names are lower-case)."""
