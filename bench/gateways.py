@@ -90,6 +90,19 @@ def lmgate_accounting(template: str | None) -> Gateway:
     )
 
 
+def lmgate_limits(template: str | None, redis_url: str | None) -> Gateway:
+    """lmgate with RPM, TPM and in-flight limits on every model: in process, or in Redis."""
+    where = "redis" if redis_url else "local"
+    return Gateway(
+        name=f"lmgate-limits-{where}",
+        label=f"lmgate + limits in {'Redis' if redis_url else 'process'}",
+        template=template or default_lmgate_template(),
+        health_path="/health",
+        config_kind="lmgate-limits",
+        env={"BENCH_LIMITS": redis_url or "local"},
+    )
+
+
 def provision_key(config: Path, log: CommandLog) -> str:
     """Create the user `bench` and a key with a budget, with the CLI; return the key."""
     cli = [*lmgate_cli()]
@@ -174,7 +187,8 @@ def write_config(gw: Gateway, tmp: Path, port: int, nginx_port: int, stub_port: 
     if gw.config_kind == "litellm":
         return litellm_conf(tmp, nginx_port, stub_port)
     accounting = gw.config_kind == "lmgate-accounting"
-    return lmgate_conf(tmp, port, nginx_port, stub_port, accounting=accounting)
+    limits = gw.env.get("BENCH_LIMITS") if gw.config_kind == "lmgate-limits" else None
+    return lmgate_conf(tmp, port, nginx_port, stub_port, accounting=accounting, limits_redis=limits)
 
 
 def start(

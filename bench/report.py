@@ -292,6 +292,7 @@ def direct_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 ACCT_TARGET_US = 60.0
+LIMITS_TARGET_US = 100.0
 """Most CPU per request that keys, a budget and the ledger may add."""
 
 
@@ -305,23 +306,18 @@ def _ledger_text(ledger: Any) -> str:
     )
 
 
-def accounting_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Routing only against keys + budget + ledger: paired runs first, then the single runs."""
-    gws: dict[str, Any] = dig(doc, "results", "gateways") or {}
-    acc: dict[str, Any] = dig(doc, "results", "accounting") or {}
-    base, acct = gws.get("lmgate", {}), gws.get("lmgate-acct", {})
-    direct: dict[str, Any] = dig(doc, "results", "direct") or {}
-    header = ["figure", "routing only", "keys + budget + ledger", "difference", "target", ""]
+def paired_rows(pairs: dict[str, Any], target_us: float) -> list[list[str]]:
+    """Requests/s, CPU µs/request (against `target_us` extra) and p50 of paired runs."""
     rows: list[list[str]] = []
-    rounds = acc.get("rounds", "?")
+    rounds = pairs.get("rounds", "?")
     for c in ("1", "16", "64"):
-        p = dig(acc, "by_concurrency", c) or {}
+        p = dig(pairs, "by_concurrency", c) or {}
         b, a = num(p.get("base_rps")), num(p.get("acct_rps"))
         change = fmt(100 * (a / b - 1), "+.1f", " %") if a is not None and b else "—"
         rows.append([f"requests/s @{c} (paired, median of {rounds})", fmt(b, ",.0f"),
                      fmt(a, ",.0f"), change, "", ""])  # fmt: skip
     for c in ("1", "16", "64"):
-        p = dig(acc, "by_concurrency", c) or {}
+        p = dig(pairs, "by_concurrency", c) or {}
         d = num(p.get("cpu_us_diff"))
         spread = ", ".join(fmt(num(x), "+.0f") for x in p.get("cpu_us_diffs", []))
         rows.append([
@@ -329,14 +325,37 @@ def accounting_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             fmt(num(p.get("base_cpu_us")), ",.0f"),
             fmt(num(p.get("acct_cpu_us")), ",.0f"),
             f"{fmt(d, '+.0f')} (rounds: {spread})" if spread else fmt(d, "+.0f"),
-            f"≤ +{ACCT_TARGET_US:g}",
-            verdict(d, lambda v: v <= ACCT_TARGET_US),
+            f"≤ +{target_us:g}",
+            verdict(d, lambda v: v <= target_us),
         ])  # fmt: skip
     for c in ("1", "64"):
-        p = dig(acc, "by_concurrency", c) or {}
+        p = dig(pairs, "by_concurrency", c) or {}
         b, a = num(p.get("base_p50_ms")), num(p.get("acct_p50_ms"))
         rows.append([f"latency p50 ms @{c} (paired)", fmt(b, ".2f"), fmt(a, ".2f"),
                      fmt(diff(a, b), "+.2f"), "", ""])  # fmt: skip
+    return rows
+
+
+def _paired_health(pairs: dict[str, Any]) -> list[list[str]]:
+    runs = [dig(pairs, "by_concurrency", c) or {} for c in ("1", "16", "64")]
+    errors = sum(int(r.get("errors") or 0) for r in runs)
+    foreign = [num(r.get("foreign_cpu_pct_max")) for r in runs]
+    seen = [f for f in foreign if f is not None]
+    return [
+        ["failed requests (paired runs)", "", f"{errors:,}", "", "0", ""],
+        ["CPU of other processes during paired runs, max % of a core", "",
+         fmt(max(seen), ".0f", "%") if seen else "—", "", "≈ 0", ""],
+    ]  # fmt: skip
+
+
+def accounting_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Routing only against keys + budget + ledger: paired runs first, then the single runs."""
+    gws: dict[str, Any] = dig(doc, "results", "gateways") or {}
+    acc: dict[str, Any] = dig(doc, "results", "accounting") or {}
+    base, acct = gws.get("lmgate", {}), gws.get("lmgate-acct", {})
+    direct: dict[str, Any] = dig(doc, "results", "direct") or {}
+    header = ["figure", "routing only", "keys + budget + ledger", "difference", "target", ""]
+    rows = paired_rows(acc, ACCT_TARGET_US)
     for c in ("1", "16", "64"):
         b, a = num(dig(base, "throughput", c, "rps")), num(dig(acct, "throughput", c, "rps"))
         cb = num(dig(base, "throughput", c, "cpu_us_per_request"))
@@ -355,13 +374,7 @@ def accounting_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows.append(["ledger after the separate runs", "", _ledger_text(acct.get("ledger")), "",
                  "", ""])  # fmt: skip
     rows.append(["ledger after the paired runs", "", _ledger_text(acc.get("ledger")), "", "", ""])
-    errors = sum(int(dig(acc, "by_concurrency", c, "errors") or 0) for c in ("1", "16", "64"))
-    foreign = [num(dig(acc, "by_concurrency", c, "foreign_cpu_pct_max")) for c in ("1", "16", "64")]
-    seen = [f for f in foreign if f is not None]
-    rows.append(["failed requests (paired runs)", "", f"{errors:,}", "", "0", ""])
-    rows.append(["CPU of other processes during paired runs, max % of a core", "",
-                 fmt(max(seen), ".0f", "%") if seen else "—", "", "≈ 0", ""])  # fmt: skip
-    return header, rows
+    return header, rows + _paired_health(acc)
 
 
 def accounting_section(doc: dict[str, Any]) -> str:
@@ -377,6 +390,26 @@ def accounting_section(doc: dict[str, Any]) -> str:
         "measured in alternation.",
         "",
         table(*accounting_rows(doc)),
+        "",
+    ])  # fmt: skip
+
+
+def limits_section(doc: dict[str, Any]) -> str:
+    """The --limits comparison, or nothing."""
+    if not dig(doc, "plan", "limits"):
+        return ""
+    pairs: dict[str, Any] = dig(doc, "results", "limits") or {}
+    header = ["figure", "limits in process", "limits in Redis", "difference", "target", ""]
+    rows = paired_rows(pairs, LIMITS_TARGET_US) + _paired_health(pairs)
+    return "\n".join([
+        "## Rate limits in Redis",
+        "",
+        "RPM, TPM and in-flight limits on both models (never reached), no keys: held in process, "
+        "then the same limits in Redis (`limits.redis_url`: one Lua script per request, its "
+        "settlement pipelined afterwards). Paired: both gateways running at once on core 0, "
+        "measured in alternation.",
+        "",
+        table(header, rows),
         "",
     ])  # fmt: skip
 
@@ -423,6 +456,7 @@ def markdown(doc: dict[str, Any]) -> str:
         table(*direct_rows(doc)),
         "",
         accounting_section(doc),
+        limits_section(doc),
         errors_section(doc),
         "## Commands",
         "",

@@ -1,12 +1,13 @@
 """lmgate benchmark: throughput, latency, CPU per request, TTFT and memory, vs LiteLLM.
 
-    .venv/bin/python bench/run.py [--quick] [--litellm] [--accounting] [--workers N]
-                                  [--gateway-cmd TEMPLATE]
+    .venv/bin/python bench/run.py [--quick] [--litellm] [--accounting] [--limits]
+                                  [--workers N] [--gateway-cmd TEMPLATE]
 
 Prints a Markdown report and writes bench/results/<timestamp>.{md,json}. See bench/README.md.
 With --accounting, lmgate is measured twice against the same upstreams: routing only (no keys,
 budgets or ledger), then with a key, a budget and the ledger on; the two are also measured in
-alternation, both running at once, for the difference in CPU per request.
+alternation, both running at once, for the difference in CPU per request. With --limits, the
+same pairing compares rate limits held in process with the same limits held in Redis.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Plan:
     api_key: str
     accounting: bool = False
     paired_rounds: int = 0
+    limits: bool = False
 
 
 @dataclass
@@ -114,6 +116,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         api_key=args.api_key,
         accounting=args.accounting,
         paired_rounds=args.paired_rounds or (2 if quick else 3),
+        limits=args.limits,
     )
 
 
@@ -491,9 +494,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure lmgate twice: routing only, then with a key, a budget and the ledger",
     )
     p.add_argument(
+        "--limits",
+        action="store_true",
+        help="compare rate limits held in process with the same limits in Redis (paired)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="Redis for --limits (env BENCH_REDIS_URL)",
+    )
+    p.add_argument(
         "--paired-rounds",
         type=int,
-        help="with --accounting: alternating rounds per concurrency (default 3, quick 2)",
+        help="with --accounting or --limits: alternating rounds per concurrency "
+        "(default 3, quick 2)",
     )
     p.add_argument(
         "--workers",
@@ -555,6 +569,10 @@ def run_all(args: argparse.Namespace, plan: Plan, tmp: Path, log: CommandLog) ->
             results["gateways"][gw.name] = measure_gateway(bench, gw)
         if args.accounting:
             guarded("accounting", results, lambda: paired(bench, targets[0], targets[1]))
+        if args.limits:
+            local = gateways.lmgate_limits(args.gateway_cmd, None)
+            shared = gateways.lmgate_limits(args.gateway_cmd, args.redis_url)
+            guarded("limits", results, lambda: paired(bench, local, shared))
         return results
 
 

@@ -80,14 +80,24 @@ http {{
 BENCH_PRICE = "{input: 0.15, output: 0.60, cached_input: 0.075}"
 
 
+LIMIT_SPEC = "{rpm: 1000000000, tpm: 1000000000000, max_parallel: 100000}"
+"""Per-model limits for the --limits runs: checked and counted on every request, never hit."""
+
+
 def lmgate_conf(
-    tmp: Path, port: int, nginx_port: int, stub_port: int, accounting: bool = False
+    tmp: Path,
+    port: int,
+    nginx_port: int,
+    stub_port: int,
+    accounting: bool = False,
+    limits_redis: str | None = None,
 ) -> Path:
     """Write the lmgate YAML config: bench-model -> nginx, stream-model -> SSE stub.
 
     Without `accounting`: routing only (no keys, no budgets, no ledger). With it: keys
     required, a SQLite database and a ledger in `tmp` (one database per gateway start), and
-    both models priced.
+    both models priced. `limits_redis`: RPM, TPM and in-flight limits on both models, held
+    in process (`"local"`) or in the Redis at that URL.
     """
     if accounting:
         extra = f"""database:
@@ -106,6 +116,13 @@ accounting:
   enabled: false
 accounting:
   enabled: false
+"""
+    if limits_redis is not None:
+        redis = "" if limits_redis == "local" else f"\n  redis_url: {limits_redis}"
+        extra += f"""limits:{redis}
+  model:
+    bench-model: {LIMIT_SPEC}
+    stream-model: {LIMIT_SPEC}
 """
     conf = f"""server:
   host: 127.0.0.1
