@@ -151,3 +151,34 @@ async def test_budget_is_shared(
     assert 7 <= codes.count(200) <= 11
     assert stub.stats.requests == codes.count(200)
     assert codes.count(200) * 0.007 <= 0.07 + 0.010 + 1e-9
+
+
+async def test_deployment_max_inflight_is_global(
+    servers: Servers, pg_db: Database, redis_url: str, replicas: Replicas
+) -> None:
+    """A small vLLM behind `max_inflight: 2`: 12 requests at once over both replicas, the
+    upstream never sees more than 2 at a time; the rest get 429 `deployment_busy`, and the
+    slots are free again once the answers are in."""
+    stub = servers.stub(delay=0.6)
+    await create_user(pg_db, "eve")
+    _, key = await create_key(pg_db, "eve")
+    config = base_config(stub.url, pg_db, redis_url)
+    config["models"] = [{"name": "m1", "deployments": [{"provider": "up", "max_inflight": 2}]}]
+    config["routing"] = {"retries": 0}
+    urls = replicas.start(config)
+    auth = {"authorization": f"Bearer {key}"}
+    body = {"model": "m1", "messages": MSG, "max_tokens": 5}
+    async with httpx.AsyncClient(timeout=30) as c:
+
+        async def one(i: int) -> httpx.Response:
+            return await c.post(f"{urls[i % 2]}/v1/chat/completions", json=body, headers=auth)
+
+        answers = await asyncio.gather(*(one(i) for i in range(12)))
+        codes = [r.status_code for r in answers]
+        assert stub.stats.max_inflight == 2
+        assert codes.count(200) >= 2 and codes.count(200) + codes.count(429) == 12
+        busy = next(r for r in answers if r.status_code == 429)
+        assert busy.json()["error"]["code"] == "deployment_busy"
+        assert busy.headers["retry-after"] == "1"
+        again = await asyncio.gather(one(0), one(1))
+        assert [r.status_code for r in again] == [200, 200]

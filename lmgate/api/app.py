@@ -282,6 +282,8 @@ class Gateway:
                     metrics.rate_limited(model, refused.type)
                 raise
             call.headers = admission.headers or None
+            if limiter.redis is not None:  # deployments' max_inflight, across replicas
+                call.slots = limiter
         recorder = None
         if metrics is not None:
             metrics.inflight(1)

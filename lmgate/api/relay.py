@@ -14,7 +14,7 @@ import orjson
 from lmgate.api.errors import GatewayError, sse_error_event
 from lmgate.api.http import ClientGone, Headers, Message, Receive, Request
 from lmgate.config.schema import RoutingSettings
-from lmgate.routing.deployment import Deployment, attempt_order
+from lmgate.routing.deployment import Deployment, Slots, attempt_order
 from lmgate.upstream.client import BodyBroken, ConnectFailed, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("lmgate.relay")
@@ -121,6 +121,8 @@ class Call:
     """The caller's lmgate user name (ARGO may be told it)."""
     api: str = "openai"
     """The API of the body and answer: `openai`, or a provider's own (`anthropic`, `argo`)."""
+    slots: Slots | None = None
+    """Where deployments' `max_inflight` is counted across replicas (Redis), if anywhere."""
 
 
 Opener = Callable[[Request, Call, Payload, Deployment], Awaitable[UpstreamResponse]]
@@ -141,62 +143,83 @@ async def forward(
     """
     order = attempt_order(deployments, rs.retries + 1)
     if not order:
-        raise GatewayError(
-            429,
-            "Every deployment of this model is at its limit of requests in flight; "
-            "try again shortly.",
-            code="deployment_busy",
-            type="requests",
-            headers={"Retry-After": "1"},
-        )
+        raise _busy()
     if len(order) == 1 and rs.retries:
         order = [order[0], order[0]]
     last: GatewayError | None = None
     for i, dep in enumerate(order):
         next_dep = order[i + 1] if i + 1 < len(order) else None
-        # Other APIs than OpenAI's (ARGO, Anthropic) take their own steps, never this path's.
-        opener, relay, upstream_error = (
-            _DIRECT if dep.provider.passthrough else converted.steps(call, payload, dep)
-        )
-        dep.inflight += 1
-        if call.observer is not None:
-            call.observer.attempt(dep)
-        try:
-            resp = await opener(req, call, payload, dep)
-        except (ConnectFailed, BodyBroken) as e:
-            dep.inflight -= 1
-            dep.failed(rs.allowed_fails, rs.cooldown)
-            log.warning("upstream %s failed: %s", dep.label, e)
-            last = (
-                _broken(dep)
-                if isinstance(e, BodyBroken)
-                else GatewayError(
-                    502,
-                    f"Could not reach provider {dep.provider.name!r}.",
-                    code="upstream_unreachable",
-                )
-            )
+        slots = call.slots if dep.max_inflight is not None else None
+        if slots is None:
+            last = await _attempt(req, call, payload, dep, next_dep, rs)
+        elif await slots.take_slot(dep, req.record_id.decode()):
+            try:
+                last = await _attempt(req, call, payload, dep, next_dep, rs)
+            finally:
+                slots.free_slot(dep, req.record_id.decode())
+        else:  # every slot taken, by this replica or others
+            last = last or _busy()
             continue
-        except TimeoutError:
-            dep.inflight -= 1
-            raise _timeout_error(dep) from None
-        if call.observer is not None:
-            call.observer.answered(dep, resp.status)
-        try:
-            if resp.status in RETRYABLE_STATUS:
-                dep.failed(rs.allowed_fails, rs.cooldown)
-                if next_dep is not None and next_dep is not dep:
-                    last = await upstream_error(resp, dep)
-                    continue
-            elif resp.status < 400:
-                dep.succeeded()
-            await relay(req, call, resp, dep)
+        if last is None:
             return
-        finally:
-            dep.inflight -= 1
-            resp.release()
     assert last is not None
     raise last
+
+
+async def _attempt(
+    req: Request,
+    call: Call,
+    payload: Payload,
+    dep: Deployment,
+    next_dep: Deployment | None,
+    rs: RoutingSettings,
+) -> GatewayError | None:
+    """One try on `dep`: None once the answer is relayed, else the error that moves on."""
+    # Other APIs than OpenAI's (ARGO, Anthropic) take their own steps, never this path's.
+    opener, relay, upstream_error = (
+        _DIRECT if dep.provider.passthrough else converted.steps(call, payload, dep)
+    )
+    dep.inflight += 1
+    if call.observer is not None:
+        call.observer.attempt(dep)
+    try:
+        resp = await opener(req, call, payload, dep)
+    except (ConnectFailed, BodyBroken) as e:
+        dep.inflight -= 1
+        dep.failed(rs.allowed_fails, rs.cooldown)
+        log.warning("upstream %s failed: %s", dep.label, e)
+        if isinstance(e, BodyBroken):
+            return _broken(dep)
+        return GatewayError(
+            502, f"Could not reach provider {dep.provider.name!r}.", code="upstream_unreachable"
+        )
+    except TimeoutError:
+        dep.inflight -= 1
+        raise _timeout_error(dep) from None
+    if call.observer is not None:
+        call.observer.answered(dep, resp.status)
+    try:
+        if resp.status in RETRYABLE_STATUS:
+            dep.failed(rs.allowed_fails, rs.cooldown)
+            if next_dep is not None and next_dep is not dep:
+                return await upstream_error(resp, dep)
+        elif resp.status < 400:
+            dep.succeeded()
+        await relay(req, call, resp, dep)
+        return None
+    finally:
+        dep.inflight -= 1
+        resp.release()
+
+
+def _busy() -> GatewayError:
+    return GatewayError(
+        429,
+        "Every deployment of this model is at its limit of requests in flight; try again shortly.",
+        code="deployment_busy",
+        type="requests",
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _open(req: Request, call: Call, payload: Payload, dep: Deployment) -> UpstreamResponse:

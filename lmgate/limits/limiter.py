@@ -20,6 +20,7 @@ from lmgate.auth.keys import Principal
 from lmgate.limits.config import LimitSpec, LimitsSettings
 from lmgate.limits.redis_backend import RedisUnavailable, RedisWindows
 from lmgate.limits.windows import LocalState
+from lmgate.routing.deployment import Deployment
 
 log = logging.getLogger("lmgate.limits")
 
@@ -122,6 +123,31 @@ class Limiter:
             raise _refused(checks, outcome)
         return Admission(self, checks, request_id, _headers(checks, outcome), shared)
 
+    async def take_slot(self, dep: Deployment, request_id: str) -> bool:
+        """One of `dep`'s `max_inflight` slots, counted in Redis across every replica.
+
+        False when every slot is taken. Without Redis (or while it is down and the policy is
+        to fail open) only this process's count applies, which the balancer already keeps.
+        """
+        assert dep.max_inflight is not None
+        now = time.time()
+        if self.redis is None or not self.redis.available(now):
+            return True
+        try:
+            outcome = await self.redis.admit([_slot(dep)], int(now), request_id)
+        except RedisUnavailable as e:
+            self._degraded(e, now)
+            return True
+        return outcome.failed is None
+
+    def free_slot(self, dep: Deployment, request_id: str) -> None:
+        """Give back a slot taken with `take_slot` (in the background)."""
+        if self.redis is not None:
+            task = asyncio.ensure_future(
+                self.redis.settle([_slot(dep)], request_id, 0, int(time.time()))
+            )
+            task.add_done_callback(_ignore_result)
+
     def _degraded(self, error: RedisUnavailable, now: float) -> None:
         if self.settings.on_redis_failure == "closed":
             raise GatewayError(
@@ -169,6 +195,11 @@ class Limiter:
                 self.local.running[c.name] = max(0, self.local.running.get(c.name, 0) - 1)
             elif c.kind == TOKENS and tokens != c.cost:
                 self.local.window(c.name).add(now, tokens - c.cost)
+
+
+def _slot(dep: Deployment) -> Check:
+    assert dep.max_inflight is not None
+    return Check(f"deployment:{dep.label}:c", PARALLEL, dep.max_inflight, 1, dep.label)
 
 
 def _pick(table: dict[str, LimitSpec], name: str) -> LimitSpec | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from lmgate.upstream.provider import Provider
 
@@ -43,6 +44,16 @@ class Deployment:
         if self.fails >= allowed_fails:
             self.fails = 0
             self.cooldown_until = time.monotonic() + cooldown
+
+
+class Slots(Protocol):
+    """In-flight slots of deployments with `max_inflight`, shared with other replicas."""
+
+    async def take_slot(self, dep: Deployment, request_id: str) -> bool:
+        """Take one of `dep`'s slots; False when every one is taken."""
+
+    def free_slot(self, dep: Deployment, request_id: str) -> None:
+        """Give a slot back."""
 
 
 def attempt_order(deployments: list[Deployment], attempts: int) -> list[Deployment]:

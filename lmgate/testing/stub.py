@@ -141,6 +141,8 @@ class Stats:
     disconnect_times: list[float] = field(default_factory=list)
     stream_started_times: list[float] = field(default_factory=list)
     completed_streams: int = 0
+    max_inflight: int = 0
+    """The most requests the stub was answering at once."""
 
     def reset(self) -> None:
         """Clear everything in place (holders of this object see the change)."""
@@ -232,6 +234,7 @@ class _Stub:
 
         async def handle(request: web.Request) -> web.StreamResponse:
             self.inflight += 1
+            self.stats.max_inflight = max(self.stats.max_inflight, self.inflight)
             try:
                 return await answer(request)
             finally:
