@@ -1,8 +1,10 @@
-"""The ledger against SQLite and PostgreSQL: batches, outages, the spool and its replay."""
+"""The ledger against SQLite and PostgreSQL: batches, outages, the spool and its replay,
+and records the database refuses."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import time
@@ -13,8 +15,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -30,6 +33,31 @@ class Backend:
     engine: AsyncEngine
     outage: Callable[[], AbstractAsyncContextManager[None]]
     """While inside, the database refuses every connection."""
+    refusals: tuple[str, ...]
+    """Statements after which the database refuses records whose request_id starts with
+    `refused-` (a CHECK constraint on PostgreSQL, a trigger on SQLite) or `raised-` (a
+    trigger raising an exception)."""
+
+
+async def refuse_some(backend: Backend) -> None:
+    """Make the database refuse the `refused-…` and `raised-…` records (see Backend)."""
+    async with backend.engine.begin() as conn:
+        for sql in backend.refusals:
+            await conn.execute(text(sql))
+
+
+_SQLITE_REFUSALS = tuple(
+    f"CREATE TRIGGER refuse_{p} BEFORE INSERT ON usage_records "
+    f"WHEN NEW.request_id LIKE '{p}-%' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    for p in ("refused", "raised")
+)
+_PG_REFUSALS = (
+    "ALTER TABLE usage_records ADD CONSTRAINT no_refused CHECK (request_id NOT LIKE 'refused-%')",
+    "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
+    "IF NEW.request_id LIKE 'raised-%' THEN RAISE EXCEPTION 'refused'; END IF; "
+    "RETURN NEW; END $$ LANGUAGE plpgsql",
+    "CREATE TRIGGER refuse BEFORE INSERT ON usage_records FOR EACH ROW EXECUTE FUNCTION refuse()",
+)
 
 
 @asynccontextmanager
@@ -48,7 +76,7 @@ async def _sqlite(tmp_path: Path) -> AsyncIterator[Backend]:
         finally:
             (tmp_path / "gone").rename(folder)
 
-    yield Backend(engine, outage)
+    yield Backend(engine, outage, _SQLITE_REFUSALS)
     await engine.dispose()
 
 
@@ -82,7 +110,7 @@ async def _postgres() -> AsyncIterator[Backend]:
             finally:
                 await admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
 
-        yield Backend(engine, outage)
+        yield Backend(engine, outage, _PG_REFUSALS)
     finally:
         await engine.dispose()
         await admin.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
@@ -97,9 +125,11 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         yield b
 
 
-def _entry(i: int, *, bodies: bool = False, age: timedelta = timedelta()) -> LedgerEntry:
+def _entry(
+    i: int, *, bodies: bool = False, age: timedelta = timedelta(), prefix: str = "req"
+) -> LedgerEntry:
     return LedgerEntry(
-        request_id=f"req-{i}",
+        request_id=f"{prefix}-{i}",
         created_at=datetime.now(UTC) - age,
         user_id=1,
         team_id=None,
@@ -280,3 +310,112 @@ async def test_record_only_queues(tmp_path: Path) -> None:
         ledger.record(_entry(i))
     assert ledger.pending == 2_000 and ledger.written == 0
     await engine.dispose()
+
+
+def _rejected_ids(ledger: Ledger) -> list[str]:
+    p = ledger.rejected_path
+    lines = p.read_bytes().splitlines() if p.exists() else []
+    return [orjson.loads(line)["request_id"] for line in lines]
+
+
+def _mixed(start: int, stop: int) -> list[LedgerEntry]:
+    """Good records, with a `refused-` one every 5th and a `raised-` one every 7th."""
+    prefixes = {0: "refused"}
+    return [
+        _entry(i, bodies=True, prefix=prefixes.get(i % 5, "raised" if i % 7 == 0 else "req"))
+        for i in range(start, stop)
+    ]
+
+
+async def _ids(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as conn:
+        return set((await conn.execute(select(UsageRecord.request_id))).scalars())
+
+
+async def test_refused_records_are_set_aside(
+    backend: Backend, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch the database refuses is written row by row: the good rows land, only the
+    refused ones go to `<spool>.rejected`, and the ledger is not taken for down."""
+    await refuse_some(backend)
+    ledger = _ledger(backend.engine, tmp_path, batch_size=100)
+    await ledger.start()
+    entries = _mixed(0, 30)  # one batch: nothing is written before the next await
+    bad = [e.request_id for e in entries if not e.request_id.startswith("req-")]
+    assert {b.split("-")[0] for b in bad} == {"refused", "raised"}
+    with caplog.at_level(logging.ERROR, "lmgate.ledger"):
+        for e in entries:
+            ledger.record(e)
+        await _until(lambda: ledger.written + ledger.rejected == 30)
+    assert sorted(_rejected_ids(ledger)) == sorted(bad)
+    assert ledger.written == 30 - len(bad) and ledger.rejected == len(bad)
+    assert await _ids(backend.engine) == {e.request_id for e in entries} - set(bad)
+    assert await _count(backend.engine, BodyLog) == 30 - len(bad)
+    assert not ledger.down and ledger.spooled == 0 and _spool_lines(ledger) == 0
+    [message] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert f"refused {len(bad)} record(s)" in message and str(ledger.rejected_path) in message
+    assert '{"n":' not in message and "refused-" not in message  # no bodies, no values
+
+    for i in range(30, 40):  # later records are written as usual, in one batch
+        ledger.record(_entry(i))
+    await _until(lambda: ledger.written == 30 - len(bad) + 10)
+    await ledger.close()
+    assert ledger.rejected == len(bad) and await _count(backend.engine) == 40 - len(bad)
+
+
+async def test_refused_records_in_the_spool_are_set_aside(backend: Backend, tmp_path: Path) -> None:
+    """The replay of a spool holding refused records writes the rest and empties the spool."""
+    await refuse_some(backend)
+    first = _ledger(backend.engine, tmp_path)
+    async with backend.outage():
+        await first.start()
+        for e in _mixed(0, 20):
+            first.record(e)
+        await first.close(timeout=5)
+    assert first.spooled == 20 and first.rejected == 0
+
+    second = _ledger(backend.engine, tmp_path, batch_size=8)  # the spool in 3 batches
+    await second.start()
+    await _until(lambda: not second._spool_dirty)
+    bad = {e.request_id for e in _mixed(0, 20) if not e.request_id.startswith("req-")}
+    assert set(_rejected_ids(second)) == bad and second.rejected == len(bad)
+    assert second.replayed == 20 - len(bad) and _spool_lines(second) == 0
+    assert not second.down
+    second.record(_entry(99))
+    await second.close()
+    assert await _count(backend.engine) == 20 - len(bad) + 1
+
+
+async def test_outage_during_the_row_by_row_write(backend: Backend, tmp_path: Path) -> None:
+    """If the database goes away while a refused batch is written row by row, the rows not
+    yet tried are spooled, and replayed (and sorted out) once it is back."""
+    await refuse_some(backend)
+    ledger = _ledger(backend.engine, tmp_path, batch_size=100)
+    write = ledger._write
+    outage = backend.outage()
+    single = 0
+
+    async def write_then_fail(rows: list[dict[str, object]]) -> None:
+        nonlocal single
+        if len(rows) == 1:
+            single += 1
+            if single == 8:  # before the eighth row on its own, the database goes away
+                await outage.__aenter__()
+        await write(rows)
+
+    ledger._write = write_then_fail  # type: ignore[method-assign]
+    await ledger.start()
+    entries = _mixed(0, 20)
+    for e in entries:
+        ledger.record(e)
+    await _until(lambda: ledger.down)
+    bad = {e.request_id for e in entries if not e.request_id.startswith("req-")}
+    early = set(_rejected_ids(ledger))
+    assert early and early < bad  # those tried before the outage are set aside already
+    assert ledger.spooled == 20 - 7 and ledger.written + ledger.rejected == 7
+    await outage.__aexit__(None, None, None)
+    await _until(lambda: not ledger.down)
+    await ledger.close()
+    assert sorted(_rejected_ids(ledger)) == sorted(bad)  # each one once
+    assert await _ids(backend.engine) == {e.request_id for e in entries} - bad
+    assert _spool_lines(ledger) == 0

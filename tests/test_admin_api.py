@@ -15,6 +15,7 @@ from lmgate.admin.api import build_admin_app
 from lmgate.storage.db import Database
 from lmgate.storage.models import UsageRecord
 from tests.dbfixtures import backend_fixture, db_fixture, pg_server_fixture  # noqa: F401
+from tests.harness import Servers
 
 ADMIN_KEY = "admin-7c1f0e9d"
 AUTH = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -50,9 +51,54 @@ async def test_auth_failures(db: Database) -> None:
 
 
 async def test_openapi_is_served_and_docs_are_not(client: httpx.AsyncClient) -> None:
-    doc = (await client.get("/openapi.json")).json()
-    assert {"/users", "/keys", "/keys/{prefix}/revoke", "/usage"} <= set(doc["paths"])
-    assert (await client.get("/docs")).status_code == 404
+    r = await client.get("/openapi.json")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    doc = r.json()
+    assert doc["openapi"].startswith("3.1.") and doc["info"]["title"] == "lmgate admin API"
+    assert {"/users", "/keys", "/keys/{prefix}/revoke", "/usage", "/prices/{model}"} <= set(
+        doc["paths"]
+    )
+    assert "/openapi.json" not in doc["paths"]
+    assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    operations = [op for item in doc["paths"].values() for op in item.values()]
+    assert operations and all(op["security"] == [{"HTTPBearer": []}] for op in operations)
+    for page in ("/docs", "/redoc"):
+        assert (await client.get(page)).status_code == 404
+
+
+async def test_openapi_needs_the_admin_key(db: Database) -> None:
+    app = build_admin_app(db, ADMIN_KEY)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        _error(await c.get("/openapi.json"), 401, "invalid_admin_key")
+        r = await c.get("/openapi.json", headers={"Authorization": "Bearer wrong"})
+        assert _error(r, 401, "invalid_admin_key") and r.headers["www-authenticate"] == "Bearer"
+        assert (await c.get("/openapi.json", headers=AUTH)).json()["paths"]
+    closed = httpx.ASGITransport(app=build_admin_app(db, None))
+    async with httpx.AsyncClient(transport=closed, base_url="http://t") as c:
+        _error(await c.get("/openapi.json", headers=AUTH), 403, "admin_disabled")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_gateway_serves_openapi_only_with_the_admin_key(
+    servers: Servers, db: Database
+) -> None:
+    stub = servers.stub()
+    gw = servers.gateway(
+        {
+            "providers": {"up": {"base_url": stub.url}},
+            "models": [{"name": "m1", "provider": "up"}],
+            "database": {"url": db.url},
+            "auth": {"enabled": True, "admin_key": ADMIN_KEY},
+        }
+    )
+    async with httpx.AsyncClient(base_url=gw.url) as c:
+        _error(await c.get("/admin/openapi.json"), 401, "invalid_admin_key")
+        r = await c.get("/admin/openapi.json", headers=AUTH)
+        assert r.status_code == 200 and r.json()["servers"] == [{"url": "/admin"}]
+        assert "/users" in r.json()["paths"]
+        for page in ("/admin/docs", "/admin/redoc"):
+            assert (await c.get(page)).status_code == 404
+            assert (await c.get(page, headers=AUTH)).status_code == 404
 
 
 async def test_users_and_teams(client: httpx.AsyncClient) -> None:
@@ -180,6 +226,11 @@ async def test_mounted_under_admin(db: Database) -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=AUTH) as c:
         doc = (await c.get("/admin/openapi.json")).json()
         assert doc["servers"] == [{"url": "/admin"}]
+        _error(
+            await c.get("/admin/openapi.json", headers={"Authorization": ""}),
+            401,
+            "invalid_admin_key",
+        )
         assert (await c.post("/admin/teams", json={"name": "ml"})).status_code == 201
         assert [t["name"] for t in (await c.get("/admin/teams")).json()["data"]] == ["ml"]
         _error(

@@ -17,6 +17,8 @@ from lmgate.cli import app
 from lmgate.cli.init import free_port
 from lmgate.config.loader import load_config
 from lmgate.config.schema import ProviderConfig
+from lmgate.storage.db import Database
+from lmgate.storage.prices import set_price as set_model_price
 from lmgate.upstream.probe import ProbeResult, probe
 from lmgate.upstream.provider import Provider
 from tests.harness import Servers
@@ -179,7 +181,7 @@ def test_doctor_fails_naming_the_bad_providers(
     assert "failed: Connection refused" in out
     assert "model beta: no reachable deployment (bad, dead failed)" in out
     assert "model mixed: deployments on bad are unreachable" in out
-    assert "model alpha" not in out
+    assert "model alpha: no reachable" not in out and "model alpha: deployments" not in out
     assert KEY not in out and WRONG_KEY not in out
 
 
@@ -196,7 +198,7 @@ def test_doctor_passes_and_flags_unlisted_models(upstream: str, tmp_path: Path) 
     assert result.exit_code == 0, result.output
     assert "every provider answers" in result.output
     assert "model gamma: good does not list 'gamma'" in result.output
-    assert "model alpha" not in result.output
+    assert "model alpha: good" not in result.output
 
 
 @pytest.mark.parametrize("command", ["doctor", "models"])
@@ -404,3 +406,39 @@ def test_init_in_a_terminal_hides_the_key(upstream: str, tmp_path: Path) -> None
     assert child.exitstatus == 0, transcript.getvalue()
     assert KEY not in transcript.getvalue()
     assert load_config(output, env={}).providers["local"].discover_models
+
+
+def test_doctor_flags_models_without_a_price(upstream: str, tmp_path: Path) -> None:
+    """A model with no known price is metered at $0: doctor says so, unless the shipped
+    table, the configuration or the database (`lmgate` admin prices) has one."""
+    db = tmp_path / "lmgate.db"
+    config = _write(
+        tmp_path / "lmgate.yaml",
+        "providers:\n"
+        f"  good: {{base_url: '{upstream}', api_key: {KEY}}}\n"
+        "models:\n"
+        "  - {name: alpha, provider: good}\n"
+        "  - {name: gamma, provider: good, model: gpt-4o-mini}\n"
+        "  - {name: house-llm, provider: good}\n"
+        "  - {name: priced-here, provider: good}\n"
+        f"database: {{url: 'sqlite+aiosqlite:///{db}'}}\n"
+        "accounting:\n"
+        "  prices: {priced-here: {input: 0, output: 0}}\n",
+    )
+    out = _run("doctor", "--config", str(config)).output
+    assert "model alpha: no price in the shipped table or configuration" in out
+    assert "model house-llm: no price" in out
+    assert "model gamma: no price" not in out  # its upstream model is in the shipped table
+    assert "model priced-here: no price" not in out
+    assert not db.exists()  # doctor does not create the database
+
+    async def set_price() -> None:
+        database = Database(f"sqlite+aiosqlite:///{db}")
+        await database.upgrade()
+        await set_model_price(database, "house-llm", 0.5, 1.5)
+        await database.close()
+
+    asyncio.run(set_price())
+    out = _run("doctor", "--config", str(config)).output
+    assert "model alpha: no price in the shipped table, configuration or database" in out
+    assert "model house-llm: no price" not in out

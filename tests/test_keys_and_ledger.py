@@ -247,7 +247,8 @@ async def test_admin_api_is_mounted(servers: Servers, db: Database) -> None:
         assert r.status_code in (200, 201), r.text
         r = await c.post("/keys", json={"user": "gina", "name": "k"}, headers=auth)
         secret = r.json()["secret"] if "secret" in r.json() else r.json()["key"]
-        assert (await c.get("/openapi.json")).json()["openapi"].startswith("3.")
+        assert (await c.get("/openapi.json")).status_code == 401
+        assert (await c.get("/openapi.json", headers=auth)).json()["openapi"].startswith("3.")
     completion = await client(gw.base_url, secret).chat.completions.create(model="m1", messages=MSG)
     assert completion.choices
     async with db.session() as s:

@@ -4,7 +4,9 @@
 multi-row "insertmanyvalues" INSERT, one transaction per batch, duplicates of `request_id`
 ignored, so that any replay is idempotent). While the database is unreachable, batches go to
 a spool file (JSON lines, fsync'd) and are replayed once it answers again; the file is
-truncated only after every line of it is committed. `close()` writes what is left, to the
+truncated only after every line of it is committed. A batch the database refuses (a
+constraint, a value it cannot store) is written again one row per transaction, and only the
+refused rows are set aside, in `<spool>.rejected`. `close()` writes what is left, to the
 database or the spool. A `kill -9` loses only the records still in memory: at most
 `flush_interval` seconds of traffic (or `batch_size` records, whichever comes first).
 """
@@ -28,7 +30,7 @@ from typing import Any, Protocol
 import orjson
 from sqlalchemy import Table, delete, insert
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.dml import Insert
 
@@ -38,6 +40,11 @@ log = logging.getLogger("lmgate.ledger")
 
 Row = dict[str, Any]
 _OUTAGE = (DBAPIError, OSError, TimeoutError)
+"""What a write can raise: an outage, unless `_refused` says the database refused the rows."""
+_REFUSALS = (IntegrityError, DataError, ProgrammingError)
+_REFUSAL_SQLSTATES = ("22", "23", "42", "P0")
+"""Data exception, integrity violation, syntax or access rule, PL/pgSQL `RAISE` (a trigger):
+asyncpg reports most of them as a plain DBAPIError that carries the SQLSTATE."""
 _USAGE: Table = UsageRecord.__table__  # type: ignore[assignment]
 _BODIES: Table = BodyLog.__table__  # type: ignore[assignment]
 _LIMITS = {"request_id": 128, "model": 200, "deployment": 400, "error_type": 64}
@@ -177,6 +184,25 @@ def _read_spool(path: Path, offset: int, count: int) -> tuple[list[Row], int]:
         return rows, f.tell()
 
 
+def _refused(error: BaseException) -> bool:
+    """True if the database answered a statement with a refusal; False for an outage (no
+    connection, a dropped one, a timeout, a server shutting down), which is worth retrying."""
+    if not isinstance(error, DBAPIError) or error.connection_invalidated:
+        return False
+    if not error.statement:  # while connecting, or at COMMIT: only a deferred constraint
+        return isinstance(error, IntegrityError)
+    if isinstance(error, _REFUSALS):
+        return True
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    return isinstance(sqlstate, str) and sqlstate.startswith(_REFUSAL_SQLSTATES)
+
+
+def _reason(error: BaseException) -> str:
+    """The error's class and SQLSTATE, never its message: that holds the row's values."""
+    sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None)
+    return f"{type(error).__name__} {sqlstate}" if sqlstate else type(error).__name__
+
+
 def _truncate(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError), path.open("r+b") as f:
         f.truncate(0)
@@ -199,11 +225,12 @@ class Ledger:
     ) -> None:
         self.engine: AsyncEngine = db if isinstance(db, AsyncEngine) else db.engine
         self.spool_path = spool_path
+        self.rejected_path = spool_path.with_name(spool_path.name + ".rejected")
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self.write_timeout = write_timeout
         self.retry_min, self.retry_max = retry_min, retry_max
-        self.written = self.spooled = self.replayed = 0
+        self.written = self.spooled = self.replayed = self.rejected = 0
         dialect = self.engine.dialect.name
         self._sqlite = dialect == "sqlite"
         self._usage_sql = _insert_sql(self.engine.dialect.paramstyle)
@@ -286,8 +313,10 @@ class Ledger:
                     await self._write(self._inflight)
                     self.written += n
                 except _OUTAGE as e:
-                    self._failed(e)
-                    await self._spool(self._inflight)
+                    written, left = await self._salvage(self._inflight, e)
+                    self.written += written
+                    if left:
+                        await self._spool(left)
             self._inflight = []
             if len(self._queue) < self.batch_size and not self._closing:
                 break  # the rest, queued while writing, waits for the next tick or a full batch
@@ -346,9 +375,15 @@ class Ledger:
                 )
                 if not rows:
                     break
-                await self._write(rows)
-                done += len(rows)
-        except _OUTAGE as e:
+                try:
+                    await self._write(rows)
+                    done += len(rows)
+                except _OUTAGE as e:
+                    written, left = await self._salvage(rows, e)
+                    done += written
+                    if left:  # the spool stays, and is replayed whole once the database is
+                        return  # back: records refused meanwhile are then set aside again
+        except OSError as e:  # the spool could not be read
             self._failed(e)
             return
         await asyncio.to_thread(_truncate, self.spool_path)
@@ -357,6 +392,56 @@ class Ledger:
         if self._down:
             log.warning("ledger: the database is back; %d spooled records replayed", done)
         self._down, self._backoff = False, self.retry_min
+
+    async def _salvage(self, rows: list[Row], error: BaseException) -> tuple[int, list[Row]]:
+        """A batch whose write raised `error`: returns (rows written, rows left to spool).
+
+        On an outage every row is left. On a refusal each row is written in a transaction of
+        its own, and the rows refused are set aside; if the database goes away meanwhile,
+        the rows not yet tried are left.
+        """
+        if not _refused(error):
+            self._failed(error)
+            return 0, rows
+        written = 0
+        refused: list[Row] = []
+        left: list[Row] = []
+        for i, row in enumerate(rows):
+            try:
+                await self._write([row])
+                written += 1
+            except _OUTAGE as e:
+                if not _refused(e):
+                    self._failed(e)
+                    left = rows[i:]
+                    break
+                refused.append(row)
+                error = e
+        if refused:
+            await self._reject(refused, error)
+        return written, left
+
+    async def _reject(self, rows: list[Row], error: BaseException) -> None:
+        """Append rows the database refused to the rejected file, where no retry jams on them."""
+        self.rejected += len(rows)
+        try:
+            await asyncio.to_thread(_append_spool, self.rejected_path, rows)
+        except OSError as e:
+            log.error(
+                "ledger: the database refused %d record(s) (%s); they are lost: %s cannot be "
+                "written (%s)",
+                len(rows),
+                _reason(error),
+                self.rejected_path,
+                type(e).__name__,
+            )
+            return
+        log.error(
+            "ledger: the database refused %d record(s) (%s); they are set aside in %s",
+            len(rows),
+            _reason(error),
+            self.rejected_path,
+        )
 
     def _failed(self, error: BaseException) -> None:
         if not self._down:

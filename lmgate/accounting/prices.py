@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -9,8 +11,8 @@ from functools import cache
 from importlib.resources import files
 
 import yaml
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from lmgate.accounting.usage import Usage
 from lmgate.config.schema import PriceConfig
@@ -19,6 +21,7 @@ from lmgate.storage.models import Price
 _VERSION_SUFFIX = re.compile(r"(@.+|-\d{4}-\d{2}-\d{2}|-\d{8}|-\d{4}|-latest)$")
 """`gpt-4o-2024-08-06`, `claude-3-5-sonnet-20241022`, `mistral-large-2411`, `…-latest`, `…@v2`."""
 _PER_TOKEN = 1e-6
+log = logging.getLogger("lmgate.prices")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +43,15 @@ def shipped_prices() -> dict[str, ModelPrice]:
 async def load_overrides(engine: AsyncEngine) -> dict[str, ModelPrice]:
     """Prices set through the admin API (the `prices` table)."""
     async with engine.connect() as conn:
-        rows = await conn.execute(select(Price.__table__))
-        return {
-            r.model: ModelPrice(r.input_per_mtok, r.output_per_mtok, r.cached_input_per_mtok)
-            for r in rows
-        }
+        return await _read_overrides(conn)
+
+
+async def _read_overrides(conn: AsyncConnection) -> dict[str, ModelPrice]:
+    rows = await conn.execute(select(Price.__table__))
+    return {
+        r.model: ModelPrice(r.input_per_mtok, r.output_per_mtok, r.cached_input_per_mtok)
+        for r in rows
+    }
 
 
 def _candidates(name: str) -> Iterable[str]:
@@ -116,3 +123,44 @@ class PriceBook:
     def unpriced(self, models: Iterable[str]) -> list[str]:
         """The models that have no price (for `lmgate doctor`)."""
         return [m for m in models if self.price(m) is None]
+
+
+class DatabasePrices:
+    """Keeps a PriceBook's database prices equal to the `prices` table, in every gateway.
+
+    Each poll reads only the table's row count and newest `updated_at`: setting a price
+    changes the second, removing one the first. The prices are read again only then.
+    """
+
+    def __init__(self, book: PriceBook, engine: AsyncEngine) -> None:
+        self.book = book
+        self.engine = engine
+        self._version: tuple[object, ...] | None = None
+        self._failing = False
+
+    async def refresh(self) -> bool:
+        """Reload the prices if the table changed since the last call; True if it did."""
+        version_query = select(func.count(), func.max(Price.updated_at)).select_from(Price)
+        async with self.engine.connect() as conn:
+            version = tuple((await conn.execute(version_query)).one())
+            if version == self._version:
+                return False
+            # A change landing between the two reads is read now and again at the next poll.
+            overrides = await _read_overrides(conn)
+        self.book.set_overrides(overrides)
+        self._version = version
+        return True
+
+    async def follow(self, interval: float) -> None:
+        """Refresh every `interval` seconds, for ever; while the database is down, the prices
+        already loaded stay in force."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if await self.refresh():
+                    log.info("prices reloaded from the database")
+                self._failing = False
+            except Exception as e:
+                if not self._failing:
+                    log.warning("could not reload prices: %s", type(e).__name__)
+                self._failing = True

@@ -65,13 +65,23 @@ def build_admin_app(db: Database, admin_key: str | None) -> FastAPI:
         version="1",
         docs_url=None,  # Swagger UI and ReDoc load from CDNs; clusters are offline
         redoc_url=None,
-        openapi_url="/openapi.json",
+        openapi_url=None,  # FastAPI's own route would skip `authorize`: served below instead
         dependencies=[Depends(authorize)],
     )
     app.state.db = db
     _install_error_handlers(app)
     for router in (_users, _teams, _keys, _budgets, _prices, _usage):
         app.include_router(router)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        """The OpenAPI description, with the mount point (`/admin`) as its server."""
+        schema = app.openapi()
+        root_path = request.scope.get("root_path", "").rstrip("/")
+        if root_path:
+            schema = {**schema, "servers": [{"url": root_path}]}
+        return JSONResponse(schema)
+
     return app
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from lmgate.accounting.budgets import BudgetBook
 from lmgate.accounting.ledger import Ledger, LedgerEntry, purge_bodies
 from lmgate.accounting.metering import Accounting, LedgerSink, Sink, drain, warm_tokenizer
-from lmgate.accounting.prices import PriceBook, load_overrides
+from lmgate.accounting.prices import DatabasePrices, PriceBook
 from lmgate.accounting.shared_budgets import SharedTotals
 from lmgate.api.http import Receive, Scope, Send
 from lmgate.auth.keys import KeyCache, Principal
@@ -31,6 +31,9 @@ from lmgate.upstream.provider import Provider
 
 log = logging.getLogger("lmgate")
 _PURGE_EVERY = 3600.0
+_PRICES_EVERY = 2.0
+"""Seconds between checks of the `prices` table: a price set or removed through the admin API
+applies within this time, in every gateway on the database."""
 
 
 @dataclass
@@ -112,7 +115,15 @@ async def open_services(config: GatewayConfig, deployments: list[Deployment]) ->
     if obs.request_log:
         sinks.append(LogSink(RequestLog()))
     limits = config.limits
-    if config.auth.enabled or limits.model or limits.key or limits.user or limits.team:
+    shared_slots = limits.redis_url and any(d.max_inflight for d in deployments)
+    if (
+        config.auth.enabled
+        or limits.model
+        or limits.key
+        or limits.user
+        or limits.team
+        or shared_slots
+    ):
         redis = RedisWindows.from_url(limits.redis_url) if limits.redis_url else None
         services.limiter = Limiter(limits, redis)
     if config.routing.health_check_interval:
@@ -129,7 +140,8 @@ async def open_services(config: GatewayConfig, deployments: list[Deployment]) ->
             services.keys = KeyCache(db, config.auth.refresh_interval)
             await services.keys.start()
         if config.accounting.enabled:
-            budgets, prices = await _open_budgets(config, db)
+            budgets = await _open_budgets(config, db)
+            services._tasks.append(await _follow_prices(prices, db))
             services.ledger = _ledger(config, db)
             await services.ledger.start()
             sinks.insert(0, LedgerSink(services.ledger))
@@ -184,13 +196,19 @@ def _health_checker(
     )
 
 
-async def _open_budgets(config: GatewayConfig, db: Database) -> tuple[BudgetBook, PriceBook]:
+async def _open_budgets(config: GatewayConfig, db: Database) -> BudgetBook:
     limits = config.limits
     shared = SharedTotals.from_url(limits.redis_url) if limits.redis_url else None
     budgets = BudgetBook(db.reader, shared=shared, fail_closed=limits.on_redis_failure == "closed")
     await budgets.start()
-    prices = PriceBook(config.accounting.prices, await load_overrides(db.engine))
-    return budgets, prices
+    return budgets
+
+
+async def _follow_prices(prices: PriceBook, db: Database) -> asyncio.Task[None]:
+    """Load the prices set in the database, then follow the table off the request path."""
+    table = DatabasePrices(prices, db.reader)
+    await table.refresh()
+    return asyncio.create_task(table.follow(_PRICES_EVERY))
 
 
 def _ledger(config: GatewayConfig, db: Database) -> Ledger:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
+from sqlalchemy.engine import make_url
 
+from lmgate.accounting.prices import PriceBook, load_overrides
 from lmgate.cli.models import config_or_defaults, public_url
 from lmgate.cli.serve import ConfigOption
 from lmgate.config.schema import GatewayConfig
+from lmgate.storage.db import Database, database_url
 from lmgate.upstream.probe import ProbeResult, probe_all
 from lmgate.upstream.provider import Provider
 
@@ -36,6 +40,8 @@ def doctor(config: ConfigOption = None, timeout: TimeoutOption = 10.0) -> None:
     results = asyncio.run(probe_all(providers, timeout))
     console.print(results_table(providers, results))
     for line in model_warnings(cfg, {p.name: r for p, r in zip(providers, results, strict=True)}):
+        console.print(f"[yellow]warning:[/] {escape(line)}")
+    for line in price_warnings(cfg, asyncio.run(_database_prices(cfg))):
         console.print(f"[yellow]warning:[/] {escape(line)}")
     failed = [p.name for p, r in zip(providers, results, strict=True) if not r.ok]
     if failed:
@@ -98,4 +104,43 @@ def model_warnings(cfg: GatewayConfig, results: Mapping[str, ProbeResult]) -> li
             upstream = d.model or (None if "*" in m.name else m.name)
             if upstream and listed and upstream not in listed:
                 lines.append(f"model {m.name}: {d.provider} does not list {upstream!r}")
+    return lines
+
+
+async def _database_prices(cfg: GatewayConfig) -> PriceBook | None:
+    """Every price the gateway would use (shipped, configured, set in the database), or None
+    when the database cannot be read (then only the first two are checked)."""
+    if not cfg.accounting.enabled:
+        return None
+    url = database_url(cfg)
+    file = make_url(url).database
+    if url.startswith("sqlite") and not (file and Path(file).exists()):
+        return None  # not created yet: do not create it here
+    db = Database(url)
+    try:
+        return PriceBook(cfg.accounting.prices, await load_overrides(db.engine))
+    except Exception:  # no database yet, unreachable, not migrated: said in the warning
+        return None
+    finally:
+        await db.close()
+
+
+def price_warnings(cfg: GatewayConfig, book: PriceBook | None) -> list[str]:
+    """Models that would be metered at $0 because no price is known for them."""
+    if not cfg.accounting.enabled:
+        return []
+    where = "shipped table, configuration or database"
+    if book is None:
+        book = PriceBook(cfg.accounting.prices)
+        where = "shipped table or configuration (no database to check)"
+    lines = []
+    for m in cfg.models:
+        if "*" in m.name:
+            continue
+        upstreams = [d.model for d in m.deployments] or [None]
+        if any(book.price(m.name, u) is None for u in upstreams):
+            lines.append(
+                f"model {m.name}: no price in the {where}; metered at $0 "
+                f"(set accounting.prices.{m.name}, 0 for a model you host)"
+            )
     return lines
