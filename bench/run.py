@@ -220,8 +220,8 @@ def soak_runs(
             rate = total["requests"] / total["duration_s"]
         wanted = math.ceil((target - total["requests"]) / max(rate, 1.0))
         res = wrk(bench, url, 64, int(min(left, max(1, wanted))), key)
-        for key in ("requests", "duration_s", "error_total"):
-            total[key] += res[key]
+        for field_ in ("requests", "duration_s", "error_total"):
+            total[field_] += res[field_]
         total["runs"] += 1
     total["rps"] = total["requests"] / total["duration_s"] if total["duration_s"] else 0.0
     return total

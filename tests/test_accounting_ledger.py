@@ -419,3 +419,31 @@ async def test_outage_during_the_row_by_row_write(backend: Backend, tmp_path: Pa
     assert sorted(_rejected_ids(ledger)) == sorted(bad)  # each one once
     assert await _ids(backend.engine) == {e.request_id for e in entries} - bad
     assert _spool_lines(ledger) == 0
+
+
+async def test_a_slow_database_does_not_fill_memory(backend: Backend, tmp_path: Path) -> None:
+    """Records beyond `max_pending` go to the spool instead of piling up in memory (checked
+    each time a batch is written), and are all written once the database catches up."""
+    ledger = _ledger(backend.engine, tmp_path, batch_size=50, max_pending=200)
+    write = ledger._write
+    most = 0
+
+    async def slow_write(rows: list[dict[str, object]]) -> None:
+        nonlocal most
+        most = max(most, ledger.pending)
+        await asyncio.sleep(0.05)
+        await write(rows)
+
+    ledger._write = slow_write  # type: ignore[method-assign]
+    await ledger.start()
+    for i in range(3000):
+        ledger.record(_entry(i))
+        if i % 100 == 0:
+            await asyncio.sleep(0.01)
+    assert ledger.spooled > 0 and most <= 200
+    await ledger.close()
+    again = _ledger(backend.engine, tmp_path)
+    await again.start()
+    await _until(lambda: _spool_lines(again) == 0)
+    await again.close()
+    assert await _count(backend.engine) == 3000

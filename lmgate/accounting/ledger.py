@@ -1,14 +1,16 @@
 """The usage ledger: one record per request, written off the hot path in batches.
 
-`Ledger.record` only appends to a deque. A background task writes batches (SQLAlchemy's
-multi-row "insertmanyvalues" INSERT, one transaction per batch, duplicates of `request_id`
-ignored, so that any replay is idempotent). While the database is unreachable, batches go to
+`Ledger.record` only appends to a deque. A background task writes batches: one transaction
+per batch, duplicates of `request_id` ignored, so that any replay is idempotent; on SQLite
+the whole batch goes to a writer thread of its own in one hand-off (`sqlite_writer`), on
+PostgreSQL through the driver's executemany. While the database is unreachable, batches go to
 a spool file (JSON lines, fsync'd) and are replayed once it answers again; the file is
-truncated only after every line of it is committed. A batch the database refuses (a
-constraint, a value it cannot store) is written again one row per transaction, and only the
-refused rows are set aside, in `<spool>.rejected`. `close()` writes what is left, to the
-database or the spool. A `kill -9` loses only the records still in memory: at most
-`flush_interval` seconds of traffic (or `batch_size` records, whichever comes first).
+truncated only after every line of it is committed. A database that is up but slower than
+the traffic gets the same treatment for what exceeds `max_pending` records in memory. A batch
+the database refuses (a constraint, a value it cannot store) is written again one row per
+transaction, and only the refused rows are set aside, in `<spool>.rejected`. `close()` writes
+what is left, to the database or the spool. A `kill -9` loses only the records still in
+memory: normally at most `flush_interval` seconds of traffic.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingErr
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.dml import Insert
 
+from lmgate.accounting.sqlite_writer import SqliteWriter, Statement
 from lmgate.storage.models import BodyLog, UsageRecord
 
 log = logging.getLogger("lmgate.ledger")
@@ -141,6 +144,20 @@ def _chunks(values: list[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
         i += size
 
 
+_CREATED_AT = _COLUMNS.index("created_at")
+_SQLITE_BODIES = (
+    f"INSERT INTO {_BODIES.name} (request_id, created_at, user_id, key_id, request, response) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
+)
+
+
+def _naive_utc_text(when: datetime) -> str:
+    """A time as SQLite holds it (SQLAlchemy's format): naive UTC text."""
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC).replace(tzinfo=None)
+    return when.isoformat(" ", "microseconds")
+
+
 def _upsert_ignore(dialect: str, table: Table, key: str) -> Insert:
     """An INSERT that skips rows whose `key` already exists."""
     if dialect == "postgresql":
@@ -222,12 +239,15 @@ class Ledger:
         write_timeout: float = 10.0,
         retry_min: float = 0.5,
         retry_max: float = 5.0,
+        max_pending: int = 50_000,
     ) -> None:
         self.engine: AsyncEngine = db if isinstance(db, AsyncEngine) else db.engine
         self.spool_path = spool_path
         self.rejected_path = spool_path.with_name(spool_path.name + ".rejected")
         self.flush_interval = flush_interval
         self.batch_size = batch_size
+        self.max_pending = max(max_pending, 2 * batch_size)
+        """Records held in memory at most: beyond, the oldest go to the spool (~300 B each)."""
         self.write_timeout = write_timeout
         self.retry_min, self.retry_max = retry_min, retry_max
         self.written = self.spooled = self.replayed = self.rejected = 0
@@ -238,6 +258,10 @@ class Ledger:
             1 << k: _insert_sql("qmark", 1 << k) for k in range(_SQLITE_ROWS.bit_length())
         }
         self._insert_bodies = _upsert_ignore(dialect, _BODIES, "request_id")
+        path = self.engine.url.database if self._sqlite else None
+        self._sqlite_writer = (
+            SqliteWriter(path, write_timeout) if path and path != ":memory:" else None
+        )
         self._queue: deque[LedgerEntry] = deque()
         self._inflight: list[Row] = []
         self._wake = asyncio.Event()
@@ -286,6 +310,8 @@ class Ledger:
         if rest:
             _append_spool(self.spool_path, rest)
             self.spooled += len(rest)
+        if self._sqlite_writer is not None:
+            self._sqlite_writer.close()
 
     async def _run(self) -> None:
         while True:
@@ -304,6 +330,10 @@ class Ledger:
         if self._spool_dirty and (not self._down or retry_due):
             await self._replay()
         while self._queue:
+            if len(self._queue) > self.max_pending:  # the database is slower than the traffic
+                excess = len(self._queue) - self.max_pending // 2
+                self._inflight = [_row(self._queue.popleft()) for _ in range(excess)]
+                await self._spool(self._inflight)  # replayed when the database has time
             n = min(self.batch_size, len(self._queue))
             self._inflight = [_row(self._queue.popleft()) for _ in range(n)]
             if self._down:
@@ -335,29 +365,35 @@ class Ledger:
             if r.get("bodies")
         ]
         values = [self._values(r) for r in rows]
+        if self._sqlite_writer is not None:
+            # Multi-row INSERTs: sqlite3's executemany releases and re-takes the GIL for
+            # every row, each time a context switch with the event loop's thread.
+            statements: list[Statement] = [
+                (self._sqlite_sql[len(chunk)], tuple(chain.from_iterable(chunk)))
+                for chunk in _chunks(values)
+            ]
+            statements += [(_SQLITE_BODIES, self._body_values(b)) for b in bodies]
+            async with asyncio.timeout(self.write_timeout):
+                await self._sqlite_writer.write(statements)
+            return
         async with asyncio.timeout(self.write_timeout), self.engine.begin() as conn:
-            # The driver's own statements: SQLAlchemy's per-row parameter processing would
+            # The driver's own executemany: SQLAlchemy's per-row parameter processing would
             # cost several times more CPU than the insert itself.
-            if self._sqlite:
-                # Multi-row INSERTs: sqlite3's executemany releases and re-takes the GIL for
-                # every row, each time a context switch with the event loop's thread.
-                for chunk in _chunks(values):
-                    params = tuple(chain.from_iterable(chunk))
-                    await conn.exec_driver_sql(self._sqlite_sql[len(chunk)], params)
-            else:
-                await conn.exec_driver_sql(self._usage_sql, values)
+            await conn.exec_driver_sql(self._usage_sql, values)
             if bodies:
                 await conn.execute(self._insert_bodies, bodies)
+
+    @staticmethod
+    def _body_values(b: Row) -> tuple[Any, ...]:
+        when = _naive_utc_text(b["created_at"])
+        return (b["request_id"], when, b["user_id"], b["key_id"], b["request"], b["response"])
 
     def _values(self, row: Row) -> tuple[Any, ...]:
         """A row as the driver's positional parameters (SQLite keeps naive UTC text)."""
         values = tuple(row[c] for c in _COLUMNS)
         if self._sqlite:
-            when = row["created_at"]
-            if when.tzinfo is not None:
-                when = when.astimezone(UTC).replace(tzinfo=None)
-            i = _COLUMNS.index("created_at")
-            values = (*values[:i], when.isoformat(" ", "microseconds"), *values[i + 1 :])
+            i = _CREATED_AT
+            values = (*values[:i], _naive_utc_text(row["created_at"]), *values[i + 1 :])
         return values
 
     async def _spool(self, rows: list[Row]) -> None:
