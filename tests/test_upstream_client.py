@@ -354,7 +354,12 @@ def test_idle_connection_closed_by_peer_is_not_reused(run: Run) -> None:
         async with raw_server(handler) as url, pool_for(url) as pool:
             for _ in range(3):
                 assert (await get(pool, "/"))[1] == b"ok"
-                await asyncio.sleep(0.05)
+                # until the peer's close has reached the client (a fixed sleep was flaky on
+                # a loaded machine: the stale connection was then tried, and retried)
+                for _ in range(500):
+                    if all(c.closed for c in pool._idle):
+                        break
+                    await asyncio.sleep(0.01)
             assert connections == 3
 
     run(body())
