@@ -118,20 +118,27 @@ _SQLITE_ROWS = 256 if sqlite3.sqlite_version_info >= (3, 32, 0) else 32
 """Rows per SQLite INSERT, within its limit on parameters (32766 since 3.32, 999 before)."""
 
 
-def _insert_sql(paramstyle: str, rows: int = 1) -> str:
-    """The ledger's INSERT of `rows` rows, idempotent on `request_id`, in the driver's
-    parameter style."""
+def _insert_sql(paramstyle: str) -> str:
+    """The ledger's INSERT, idempotent on `request_id`, in the driver's parameter style."""
     n = len(_COLUMNS)
-    if paramstyle == "numeric_dollar":
-        groups = (", ".join(f"${r * n + i}" for i in range(1, n + 1)) for r in range(rows))
-    else:
-        mark = "?" if paramstyle == "qmark" else "%s"
-        groups = (", ".join([mark] * n) for _ in range(rows))
-    values = ", ".join(f"({g})" for g in groups)
+    marks = [f"${i}" for i in range(1, n + 1)] if paramstyle == "numeric_dollar" else ["?"] * n
+    if paramstyle not in ("numeric_dollar", "qmark"):
+        marks = ["%s"] * n
+    return _insert_values(f"({', '.join(marks)})")
+
+
+def _insert_values(values: str) -> str:
     return (
         f"INSERT INTO {_USAGE.name} ({', '.join(_COLUMNS)}) VALUES {values} "
         "ON CONFLICT (request_id) DO NOTHING"
     )
+
+
+_SQLITE_INSERTS = {
+    1 << k: _insert_values(", ".join(["(" + ", ".join("?" * len(_COLUMNS)) + ")"] * (1 << k)))
+    for k in range(_SQLITE_ROWS.bit_length())
+}
+"""SQLite's multi-row INSERTs, by number of rows (powers of two)."""
 
 
 def _chunks(values: list[tuple[Any, ...]]) -> Iterator[list[tuple[Any, ...]]]:
@@ -254,9 +261,6 @@ class Ledger:
         dialect = self.engine.dialect.name
         self._sqlite = dialect == "sqlite"
         self._usage_sql = _insert_sql(self.engine.dialect.paramstyle)
-        self._sqlite_sql = {
-            1 << k: _insert_sql("qmark", 1 << k) for k in range(_SQLITE_ROWS.bit_length())
-        }
         self._insert_bodies = _upsert_ignore(dialect, _BODIES, "request_id")
         path = self.engine.url.database if self._sqlite else None
         self._sqlite_writer = (
@@ -369,7 +373,7 @@ class Ledger:
             # Multi-row INSERTs: sqlite3's executemany releases and re-takes the GIL for
             # every row, each time a context switch with the event loop's thread.
             statements: list[Statement] = [
-                (self._sqlite_sql[len(chunk)], tuple(chain.from_iterable(chunk)))
+                (_SQLITE_INSERTS[len(chunk)], tuple(chain.from_iterable(chunk)))
                 for chunk in _chunks(values)
             ]
             statements += [(_SQLITE_BODIES, self._body_values(b)) for b in bodies]

@@ -120,9 +120,15 @@ class PriceBook:
         ) * _PER_TOKEN
         return usd, True
 
-    def unpriced(self, models: Iterable[str]) -> list[str]:
-        """The models that have no price (for `lmgate doctor`)."""
-        return [m for m in models if self.price(m) is None]
+    def unpriced(self, models: Iterable[str | tuple[str, str | None]]) -> list[str]:
+        """The models that have no price (for `lmgate doctor`), each named once: public
+        names, or (public name, upstream name) pairs, one per deployment."""
+        out: list[str] = []
+        for m in models:
+            name, upstream = (m, None) if isinstance(m, str) else m
+            if name not in out and self.price(name, upstream) is None:
+                out.append(name)
+        return out
 
 
 class DatabasePrices:

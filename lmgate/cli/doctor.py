@@ -133,14 +133,12 @@ def price_warnings(cfg: GatewayConfig, book: PriceBook | None) -> list[str]:
     if book is None:
         book = PriceBook(cfg.accounting.prices)
         where = "shipped table or configuration (no database to check)"
-    lines = []
+    deployments: list[tuple[str, str | None]] = []
     for m in cfg.models:
-        if "*" in m.name:
-            continue
-        upstreams = [d.model for d in m.deployments] or [None]
-        if any(book.price(m.name, u) is None for u in upstreams):
-            lines.append(
-                f"model {m.name}: no price in the {where}; metered at $0 "
-                f"(set accounting.prices.{m.name}, 0 for a model you host)"
-            )
-    return lines
+        if "*" not in m.name:
+            deployments += [(m.name, d.model) for d in m.deployments] or [(m.name, None)]
+    return [
+        f"model {name}: no price in the {where}; metered at $0 "
+        f"(set accounting.prices.{name}, 0 for a model you host)"
+        for name in book.unpriced(deployments)
+    ]
